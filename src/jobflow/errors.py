@@ -1,0 +1,143 @@
+"""jobflow's exception tree.
+
+Every error jobflow raises derives from :class:`JobflowError`. Adapters
+translate driver errors (SQLAlchemy, botocore, OS errors) into this tree with
+``raise ... from exc``, so callers never import a driver to handle a failure.
+
+::
+
+    JobflowError
+    ├── InvalidInput (also ValueError)
+    │   └── ContentTypeNotAllowed
+    ├── ConfigurationError
+    │   └── StoragePermissionDenied
+    ├── JobNotFound (also LookupError)
+    │   └── MalformedJobId
+    ├── InvalidTransition
+    ├── LeaseLost
+    ├── UploadError
+    │   ├── UploadMissing
+    │   ├── UploadRejected
+    │   └── UploadExpired
+    ├── ObjectChanged
+    └── StorageUnavailable
+"""
+
+from __future__ import annotations
+
+
+class JobflowError(Exception):
+    """Root of every error jobflow raises."""
+
+
+class InvalidInput(JobflowError, ValueError):
+    """An argument is malformed: not JSON-serialisable, too long, empty..."""
+
+
+class ContentTypeNotAllowed(InvalidInput):
+    """The declared content type is not allowed by the upload policy."""
+
+    def __init__(self, content_type: str, allowed: frozenset[str]) -> None:
+        self.content_type = content_type
+        self.allowed = allowed
+        super().__init__(
+            f"content type {content_type!r} is not allowed "
+            f"(allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+class ConfigurationError(JobflowError):
+    """jobflow or one of its adapters is configured wrongly."""
+
+
+class StoragePermissionDenied(ConfigurationError):
+    """The object store refused access: credentials or bucket policy are wrong.
+
+    This is never reported as a missing upload.
+    """
+
+
+class JobNotFound(JobflowError, LookupError):
+    """No job with this id is visible to the caller."""
+
+    def __init__(self, job_id: str, message: str | None = None) -> None:
+        self.job_id = job_id
+        super().__init__(message or f"job {job_id!r} not found")
+
+
+class MalformedJobId(JobNotFound):
+    """The job id is not a jobflow job id (a UUID); no such job can exist."""
+
+    def __init__(self, job_id: str) -> None:
+        shown = job_id if len(job_id) <= 64 else job_id[:61] + "..."
+        super().__init__(job_id, f"malformed job id {shown!r}: expected a UUID")
+
+
+class InvalidTransition(JobflowError):
+    """The event is not allowed from the job's current status."""
+
+    def __init__(self, job_id: str, status: str, event: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        self.event = event
+        super().__init__(f"cannot {event} job {job_id} in {status}")
+
+
+class LeaseLost(JobflowError):
+    """The caller's lease token is not the job's current one (fencing).
+
+    The job was rescued, finished or claimed again; the call changed nothing.
+    """
+
+    def __init__(self, job_id: str, event: str) -> None:
+        self.job_id = job_id
+        self.event = event
+        super().__init__(
+            f"cannot {event} job {job_id}: the lease is no longer held by this worker"
+        )
+
+
+class UploadError(JobflowError):
+    """Base for problems with a job's uploaded object."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        self.job_id = job_id
+        super().__init__(message)
+
+
+class UploadMissing(UploadError):
+    """The object store shows no object for the job yet; the job keeps waiting."""
+
+    def __init__(self, job_id: str, key: str) -> None:
+        self.key = key
+        super().__init__(job_id, f"no object uploaded yet for job {job_id} (key {key})")
+
+
+class UploadRejected(UploadError):
+    """The object exists but breaks the upload policy; the job failed."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(job_id, f"upload for job {job_id} rejected: {reason}")
+
+
+class UploadExpired(UploadError):
+    """The upload deadline passed without a valid object; the job failed."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"upload for job {job_id} expired before a valid object arrived")
+
+
+class ObjectChanged(JobflowError):
+    """The object was replaced or removed after it was verified."""
+
+    def __init__(self, key: str, message: str | None = None) -> None:
+        self.key = key
+        super().__init__(message or f"object {key} changed after it was verified")
+
+
+class StorageUnavailable(JobflowError):
+    """A store (database or object store) is unreachable, throttling or failing.
+
+    Transient: nothing was changed, and the call may be retried.
+    """

@@ -1,0 +1,310 @@
+"""The JobFlow facade: what a host web app, the worker and the CLI call.
+
+Each method reads a snapshot, asks :mod:`jobflow.states` what to write, and
+hands the resulting change to the job store's compare-and-set. The only I/O
+is through the injected ports; the only clock is the injected one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from jobflow import states
+from jobflow.errors import (
+    ConfigurationError,
+    ContentTypeNotAllowed,
+    InvalidInput,
+    InvalidTransition,
+    JobNotFound,
+    StorageUnavailable,
+    UploadExpired,
+    UploadMissing,
+    UploadRejected,
+)
+from jobflow.keys import new_job_id, parse_job_id, upload_key
+from jobflow.models import (
+    Change,
+    Claim,
+    ErrorCode,
+    Event,
+    Job,
+    JobEvent,
+    JobStatus,
+    JSONDict,
+    ReconcileReport,
+    UploadPolicy,
+    UploadTicket,
+)
+from jobflow.ports import Clock, JobStore, ObjectStore
+
+MAX_ID_LENGTH = 255
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+# A compare-and-set that loses re-reads the job and decides again; after this
+# many lost rounds in a row the caller gets the last refusal instead.
+_MAX_ROUNDS = 5
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def json_object(value: Any, what: str) -> JSONDict:
+    """A JSON round-trip copy of ``value``, which must be a JSON object."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object (a dict), got {type(value).__name__}")
+    try:
+        copied: JSONDict = json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from exc
+    return copied
+
+
+def check_id(value: Any, what: str) -> str:
+    """Owner and worker ids are data only; they must still be sane strings."""
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        raise InvalidInput(f"{what} must be a string of 1..{MAX_ID_LENGTH} characters")
+    if "\x00" in value:
+        raise InvalidInput(f"{what} must not contain NUL characters")
+    return value
+
+
+class JobFlow:
+    """Upload-first jobs: create, verify, claim, finish, reconcile.
+
+    ``clock`` is a zero-argument callable returning an aware UTC datetime
+    (default: the system clock). ``policy`` is the :class:`UploadPolicy`
+    applied to every upload and attempt.
+    """
+
+    def __init__(self, *, store: JobStore, objects: ObjectStore, clock: Clock | None = None,
+                 policy: UploadPolicy | None = None,
+                 logger: structlog.typing.FilteringBoundLogger | None = None) -> None:
+        self.store = store
+        self.objects = objects
+        self.policy = policy or UploadPolicy()
+        self._clock: Callable[[], datetime] = clock or utc_now
+        self._log: structlog.typing.FilteringBoundLogger = logger or structlog.get_logger(
+            "jobflow")
+
+    # -- helpers -----------------------------------------------------------------
+
+    def now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None or now.utcoffset() != timedelta(0):
+            raise ConfigurationError(f"clock must return an aware UTC datetime, got {now!r}")
+        return now
+
+    def _evidence(self, **kwargs: Any) -> states.Evidence:
+        return states.Evidence(now=self.now(), policy=self.policy, **kwargs)
+
+    def _log_transition(self, event: Event, job: Job, from_status: JobStatus | None,
+                        worker_id: str | None) -> None:
+        self._log.info(event.value, job_id=job.id, from_status=from_status,
+                       to_status=job.status.value, attempt=job.attempts, worker_id=worker_id)
+
+    def _logged(self, change: Change, job: Job) -> Job:
+        self._log_transition(change.event, job, change.before.status if change.before else None,
+                             change.worker_id)
+        return job
+
+    def _transition(self, job_id: str, decide: Callable[[Job], Change],
+                    owner_id: str | None = None) -> Job:
+        """Decide on a fresh snapshot and compare-and-set, re-deciding on a lost race."""
+        for _ in range(_MAX_ROUNDS):
+            change = decide(self.get(job_id, owner_id=owner_id))
+            written = self.store.commit(change)
+            if written is not None:
+                return self._logged(change, written)
+        raise StorageUnavailable(f"job {job_id} kept changing under {_MAX_ROUNDS} attempts")
+
+    # -- the host app's side -------------------------------------------------------
+
+    def initiate_upload(self, owner_id: str, params: JSONDict | None = None, *,
+                        content_type: str, sha256: str | None = None) -> UploadTicket:
+        """Create a job in ``awaiting_upload`` and say how to upload its object."""
+        owner_id = check_id(owner_id, "owner_id")
+        params = json_object(params, "params")
+        if not isinstance(content_type, str):
+            raise InvalidInput("content_type must be a string")
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type not in self.policy.allowed_content_types:
+            raise ContentTypeNotAllowed(content_type, self.policy.allowed_content_types)
+        if sha256 is not None and not (isinstance(sha256, str) and _SHA256_HEX.match(sha256)):
+            raise InvalidInput("sha256 must be 64 hexadecimal characters")
+        job_id = new_job_id()
+        key = upload_key(job_id)
+        ttl = int(self.policy.upload_ttl_seconds)
+        presigned = self.objects.presign_upload(
+            key, content_type=media_type, expires_in=ttl, min_bytes=self.policy.min_bytes,
+            max_bytes=self.policy.max_bytes, sha256=sha256.lower() if sha256 else None)
+        change = states.new_job(
+            job_id=job_id, owner_id=owner_id, params=params, bucket=self.objects.bucket,
+            key=key, content_type=media_type,
+            expected_sha256=sha256.lower() if sha256 else None, now=self.now(),
+            policy=self.policy)
+        job = self._logged(change, self.store.create(change))
+        return UploadTicket(
+            job_id=job.id, bucket=job.bucket, key=job.key, method=presigned.method,
+            url=presigned.url, headers=presigned.headers, fields=presigned.fields,
+            expires_at=job.upload_expires_at)
+
+    def complete_upload(self, job_id: str, *, owner_id: str | None = None) -> Job:
+        """Ask the object store whether the upload is there and acceptable.
+
+        Idempotent. Returns the job once queued (or later). Raises
+        :class:`UploadMissing` (job keeps waiting), :class:`UploadRejected` or
+        :class:`UploadExpired` (job failed), :class:`StorageUnavailable`
+        (nothing changed).
+        """
+        for _ in range(_MAX_ROUNDS):
+            job = self.get(job_id, owner_id=owner_id)
+            if job.status is not JobStatus.AWAITING_UPLOAD:
+                return self._settled(job)
+            info = self.objects.head(job.key)
+            change = states.settle_upload(job, self._evidence(obj=info))
+            written = self.store.commit(change)
+            if written is None:
+                continue  # a concurrent completion or reconcile won; look again
+            self._logged(change, written)
+            error = states.upload_error(change)
+            if error is not None:
+                raise error
+            return written
+        raise StorageUnavailable(f"job {job_id} kept changing under {_MAX_ROUNDS} attempts")
+
+    @staticmethod
+    def _settled(job: Job) -> Job:
+        """``complete_upload`` on a job that already left ``awaiting_upload``."""
+        if job.upload_verified_at is not None:
+            return job
+        if job.error_code == ErrorCode.UPLOAD_REJECTED.value:
+            raise UploadRejected(job.id, job.error_message or "rejected")
+        if job.error_code == ErrorCode.UPLOAD_EXPIRED.value:
+            raise UploadExpired(job.id)
+        raise InvalidTransition(job.id, job.status.value, Event.VERIFY_UPLOAD.value)
+
+    def get(self, job_id: str, *, owner_id: str | None = None) -> Job:
+        """The job; :class:`JobNotFound` if unknown or owned by someone else."""
+        job_id = parse_job_id(job_id)
+        job = self.store.get(job_id)
+        if owner_id is not None and job.owner_id != owner_id:
+            raise JobNotFound(job_id)
+        return job
+
+    def history(self, job_id: str, *, owner_id: str | None = None) -> list[JobEvent]:
+        """The job's transitions, oldest first."""
+        job = self.get(job_id, owner_id=owner_id)
+        return self.store.history(job.id)
+
+    def cancel(self, job_id: str, *, owner_id: str | None = None) -> Job:
+        """Fail a job that has not started (``awaiting_upload`` or ``queued``)."""
+        return self._transition(
+            job_id, lambda job: states.apply(job, Event.CANCEL, self._evidence()), owner_id)
+
+    def requeue(self, job_id: str) -> Job:
+        """Admin: put a failed job back in the queue, after verifying its object again."""
+        def decide(job: Job) -> Change:
+            if (Event.REQUEUE, job.status) not in states.TABLE:
+                raise InvalidTransition(job.id, job.status.value, Event.REQUEUE.value)
+            return states.apply(job, Event.REQUEUE,
+                                self._evidence(obj=self.objects.head(job.key)))
+        return self._transition(job_id, decide)
+
+    def counts(self) -> dict[JobStatus, int]:
+        return self.store.counts()
+
+    # -- the worker's side ---------------------------------------------------------
+
+    def claim(self, worker_id: str, *, limit: int = 1,
+              lease_seconds: float | None = None) -> list[Claim]:
+        """Take up to ``limit`` due, verified, queued jobs under a lease."""
+        worker_id = check_id(worker_id, "worker_id")
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
+        lease = lease_seconds if lease_seconds is not None else self.policy.lease_seconds
+        if lease <= 0:
+            raise InvalidInput(f"lease_seconds must be > 0, got {lease!r}")
+        claims = self.store.claim(worker_id=worker_id, limit=limit, now=self.now(),
+                                  lease_seconds=lease)
+        for claim in claims:
+            self._log_transition(Event.CLAIM, claim.job, JobStatus.QUEUED, worker_id)
+        return claims
+
+    def _leased(self, claim: Claim, event: Event, **evidence: Any) -> Job:
+        job = claim.job
+        return self._transition(job.id, lambda current: states.apply(
+            current, event, self._evidence(token=claim.token, worker_id=job.lease_owner,
+                                           **evidence)))
+
+    def heartbeat(self, claim: Claim, *, lease_seconds: float | None = None,
+                  detail: JSONDict | None = None) -> Claim:
+        """Extend the lease; :class:`LeaseLost` if it is no longer ours."""
+        job = self._leased(claim, Event.HEARTBEAT, lease_seconds=lease_seconds,
+                           detail=json_object(detail, "detail"))
+        return Claim(job=job, token=claim.token)
+
+    def succeed(self, claim: Claim, result: JSONDict | None = None) -> Job:
+        """Finish the job as ``done`` with a JSON ``result``."""
+        return self._leased(claim, Event.SUCCEED, result=json_object(result, "result"))
+
+    def fail(self, claim: Claim, error: str, *, retryable: bool = True,
+             retry_in: timedelta | None = None, error_code: str | None = None) -> Job:
+        """Record a handler error: retry with backoff while attempts remain, else fail."""
+        job = claim.job
+        return self._transition(job.id, lambda current: states.finish_with_error(
+            current, self._evidence(token=claim.token, worker_id=job.lease_owner,
+                                    error=str(error), retryable=retryable,
+                                    retry_delay=retry_in, error_code=error_code)))
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    def reconcile(self, *, limit: int = 500) -> ReconcileReport:
+        """Adopt or expire waiting uploads and rescue jobs whose lease expired.
+
+        Safe to run from many processes at once: every write is compare-and-set.
+        An upload is queued only if the object store shows a valid object.
+        """
+        now = self.now()
+        outcome: dict[str, list[str]] = {name: [] for name in (
+            "adopted", "rejected", "expired", "rescued", "lease_failed", "unavailable")}
+        adopt_before = now - timedelta(seconds=self.policy.adopt_after_seconds)
+        for job in self.store.awaiting_uploads(limit=limit):
+            if job.created_at > adopt_before and job.upload_expires_at > now:
+                continue  # the client is probably still uploading
+            try:
+                info = self.objects.head(job.key)
+                change = states.settle_upload(job, states.Evidence(
+                    now=now, policy=self.policy, obj=info))
+            except UploadMissing:
+                continue
+            except StorageUnavailable:
+                outcome["unavailable"].append(job.id)
+                continue
+            if self._commit_quietly(change):
+                outcome[{Event.VERIFY_UPLOAD: "adopted", Event.REJECT_UPLOAD: "rejected",
+                         Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
+        for job in self.store.expired_leases(now=now, limit=limit):
+            change = states.apply(job, Event.RESCUE, states.Evidence(now=now, policy=self.policy))
+            if self._commit_quietly(change):
+                key = "rescued" if change.after.status is JobStatus.QUEUED else "lease_failed"
+                outcome[key].append(job.id)
+        report = ReconcileReport(**{k: tuple(v) for k, v in outcome.items()})
+        if report.total or report.unavailable:
+            self._log.info("reconcile.done", **{k: len(v) for k, v in outcome.items()})
+        return report
+
+    def _commit_quietly(self, change: Change) -> bool:
+        """Commit; a lost race means another process already handled the job."""
+        written = self.store.commit(change)
+        if written is None:
+            return False
+        self._logged(change, written)
+        return True

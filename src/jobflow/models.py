@@ -1,0 +1,249 @@
+"""jobflow's value objects: jobs, claims, tickets, policies, history rows.
+
+Everything here is immutable (frozen attrs) and free of I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timedelta
+from typing import Any
+
+import attrs
+
+from jobflow.errors import ConfigurationError
+
+JSONDict = dict[str, Any]
+
+
+class JobStatus(enum.StrEnum):
+    """A job's state. The order is part of the contract (a database enum keeps it)."""
+
+    AWAITING_UPLOAD = "awaiting_upload"
+    QUEUED = "queued"
+    QUICK_RUNNING = "quick_running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Event(enum.StrEnum):
+    """Everything that can happen to a job. ``created`` opens every history."""
+
+    CREATED = "created"
+    VERIFY_UPLOAD = "verify_upload"
+    REJECT_UPLOAD = "reject_upload"
+    EXPIRE_UPLOAD = "expire_upload"
+    CLAIM = "claim"
+    HEARTBEAT = "heartbeat"
+    SUCCEED = "succeed"
+    RETRY = "retry"
+    FAIL = "fail"
+    RESCUE = "rescue"
+    CANCEL = "cancel"
+    REQUEUE = "requeue"
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a job is ``failed``."""
+
+    UPLOAD_REJECTED = "upload_rejected"
+    UPLOAD_EXPIRED = "upload_expired"
+    HANDLER_ERROR = "handler_error"
+    LEASE_EXPIRED = "lease_expired"
+    CANCELLED = "cancelled"
+
+
+DEFAULT_CONTENT_TYPES = frozenset({"video/mp4", "video/quicktime", "video/x-msvideo"})
+
+
+def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ConfigurationError(f"upload policy: {attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen
+class UploadPolicy:
+    """What an upload must look like, and how its job is run.
+
+    ``min_bytes`` defaults to 1, so an empty object is rejected.
+    """
+
+    max_bytes: int = attrs.field(default=5 * 1024**3, validator=_positive)
+    min_bytes: int = attrs.field(default=1, validator=_positive)
+    allowed_content_types: frozenset[str] = attrs.field(
+        default=DEFAULT_CONTENT_TYPES, converter=frozenset
+    )
+    upload_ttl_seconds: float = attrs.field(default=3600.0, validator=_positive)
+    lease_seconds: float = attrs.field(default=60.0, validator=_positive)
+    max_attempts: int = attrs.field(default=3, validator=_positive)
+    backoff_seconds: float = attrs.field(default=10.0, validator=_positive)
+    backoff_max_seconds: float = attrs.field(default=3600.0, validator=_positive)
+    adopt_after_seconds: float = attrs.field(default=60.0)
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_bytes > self.max_bytes:
+            raise ConfigurationError(
+                f"upload policy: min_bytes ({self.min_bytes}) exceeds max_bytes ({self.max_bytes})"
+            )
+        if not self.allowed_content_types:
+            raise ConfigurationError("upload policy: allowed_content_types is empty")
+        if self.adopt_after_seconds < 0:
+            raise ConfigurationError("upload policy: adopt_after_seconds must be >= 0")
+
+    def retry_delay(self, attempt: int) -> timedelta:
+        """Exponential backoff after the ``attempt``-th attempt failed."""
+        seconds = self.backoff_seconds * 2 ** max(attempt - 1, 0)
+        return timedelta(seconds=min(seconds, self.backoff_max_seconds))
+
+
+@attrs.frozen
+class ObjectInfo:
+    """What the object store itself reports about one key (a HEAD)."""
+
+    key: str
+    size: int
+    content_type: str
+    etag: str
+    version_id: str | None = None
+    sha256: str | None = None  # hex digest, when the store keeps a checksum
+
+
+@attrs.frozen
+class Job:
+    """A snapshot of one job. Transitions return new snapshots."""
+
+    id: str
+    owner_id: str
+    status: JobStatus
+    params: JSONDict
+    bucket: str
+    key: str
+    content_type: str
+    created_at: datetime
+    updated_at: datetime
+    upload_expires_at: datetime
+    max_attempts: int
+    run_at: datetime
+    expected_sha256: str | None = None
+    upload_verified_at: datetime | None = None
+    object_size: int | None = None
+    object_etag: str | None = None
+    object_version_id: str | None = None
+    object_sha256: str | None = None
+    attempts: int = 0
+    lease_token: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    result: JSONDict | None = None
+
+    @property
+    def verified_object(self) -> ObjectInfo | None:
+        """The object as it was when verified, or None before verification."""
+        if self.upload_verified_at is None or self.object_size is None:
+            return None
+        return ObjectInfo(
+            key=self.key,
+            size=self.object_size,
+            content_type=self.content_type,
+            etag=self.object_etag or "",
+            version_id=self.object_version_id,
+            sha256=self.object_sha256,
+        )
+
+
+@attrs.frozen
+class Claim:
+    """A job held by a worker, with the lease token that fences its writes."""
+
+    job: Job
+    token: str
+
+
+@attrs.frozen
+class PresignedUpload:
+    """How a client sends the bytes: an HTTP request the object store accepts."""
+
+    method: str  # "PUT" or "POST"
+    url: str
+    headers: dict[str, str] = attrs.field(factory=dict)
+    fields: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class UploadTicket:
+    """Handed to the client by ``initiate_upload``."""
+
+    job_id: str
+    bucket: str
+    key: str
+    method: str
+    url: str
+    headers: dict[str, str]
+    fields: dict[str, str]
+    expires_at: datetime
+
+
+@attrs.frozen
+class JobEvent:
+    """One row of a job's history."""
+
+    job_id: str
+    seq: int
+    event: Event
+    from_status: JobStatus | None
+    to_status: JobStatus
+    at: datetime
+    worker_id: str | None = None
+    attempt: int = 0
+    detail: JSONDict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Change:
+    """What the core decided: the snapshot to replace and the one to write.
+
+    A store applies it with compare-and-set on ``before.status`` and
+    ``before.lease_token`` and appends the history row in the same transaction.
+    """
+
+    event: Event
+    before: Job | None
+    after: Job
+    worker_id: str | None = None
+    detail: JSONDict = attrs.field(factory=dict)
+
+    def record(self, seq: int) -> JobEvent:
+        return JobEvent(
+            job_id=self.after.id,
+            seq=seq,
+            event=self.event,
+            from_status=self.before.status if self.before else None,
+            to_status=self.after.status,
+            at=self.after.updated_at,
+            worker_id=self.worker_id,
+            attempt=self.after.attempts,
+            detail=self.detail,
+        )
+
+
+@attrs.frozen
+class ReconcileReport:
+    """What one ``reconcile`` pass did, as job ids per outcome."""
+
+    adopted: tuple[str, ...] = ()
+    rejected: tuple[str, ...] = ()
+    expired: tuple[str, ...] = ()
+    rescued: tuple[str, ...] = ()
+    lease_failed: tuple[str, ...] = ()
+    unavailable: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return (
+            len(self.adopted) + len(self.rejected) + len(self.expired)
+            + len(self.rescued) + len(self.lease_failed)
+        )
