@@ -81,16 +81,19 @@ class JobFlow:
 
     ``clock`` is a zero-argument callable returning an aware UTC datetime
     (default: the system clock). ``policy`` is the :class:`UploadPolicy`
-    applied to every upload and attempt.
+    applied to every upload and attempt. ``new_job_id`` makes job ids (default:
+    random UUIDs; tests pass a deterministic one).
     """
 
     def __init__(self, *, store: JobStore, objects: ObjectStore, clock: Clock | None = None,
                  policy: UploadPolicy | None = None,
-                 logger: structlog.typing.FilteringBoundLogger | None = None) -> None:
+                 logger: structlog.typing.FilteringBoundLogger | None = None,
+                 new_job_id: Callable[[], str] = new_job_id) -> None:
         self.store = store
         self.objects = objects
         self.policy = policy or UploadPolicy()
         self._clock: Callable[[], datetime] = clock or utc_now
+        self._new_job_id = new_job_id
         self._log: structlog.typing.FilteringBoundLogger = logger or structlog.get_logger(
             "jobflow")
 
@@ -139,7 +142,7 @@ class JobFlow:
             raise ContentTypeNotAllowed(content_type, self.policy.allowed_content_types)
         if sha256 is not None and not (isinstance(sha256, str) and _SHA256_HEX.match(sha256)):
             raise InvalidInput("sha256 must be 64 hexadecimal characters")
-        job_id = new_job_id()
+        job_id = parse_job_id(self._new_job_id())
         key = upload_key(job_id)
         ttl = int(self.policy.upload_ttl_seconds)
         presigned = self.objects.presign_upload(
@@ -263,6 +266,10 @@ class JobFlow:
             current, self._evidence(token=claim.token, worker_id=job.lease_owner,
                                     error=str(error), retryable=retryable,
                                     retry_delay=retry_in, error_code=error_code)))
+
+    def release(self, claim: Claim, *, reason: str = "worker shutting down") -> Job:
+        """Hand an unfinished job back to ``queued`` without spending an attempt."""
+        return self._leased(claim, Event.RELEASE, error=reason)
 
     # -- housekeeping ---------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class Event(enum.StrEnum):
     RETRY = "retry"
     FAIL = "fail"
     RESCUE = "rescue"
+    RELEASE = "release"
     CANCEL = "cancel"
     REQUEUE = "requeue"
 

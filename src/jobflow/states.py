@@ -75,6 +75,7 @@ TRANSITIONS = [
     _t(Event.FAIL, RUNNING, FAILED, ["holds_lease"], ["should_retry"]),
     _t(Event.RESCUE, RUNNING, QUEUED, ["lease_expired", "has_attempts_left"]),
     _t(Event.RESCUE, RUNNING, FAILED, ["lease_expired"], ["has_attempts_left"]),
+    _t(Event.RELEASE, RUNNING, QUEUED, ["holds_lease"]),
     _t(Event.CANCEL, [AWAITING, QUEUED], FAILED),
     _t(Event.REQUEUE, FAILED, QUEUED, ["object_acceptable"]),
 ]
@@ -296,6 +297,12 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
                  "error_code": ErrorCode.LEASE_EXPIRED.value,
                  "error_message": f"lease of worker {job.lease_owner} expired, no attempts left"},
                 {"lost_worker": job.lease_owner},
+            )
+        case Event.RELEASE, _:
+            # A worker shutting down hands the job back: not a failed attempt.
+            return (
+                {**_lease_free(job), "run_at": now, "attempts": job.attempts - 1},
+                {"reason": ev.error or "worker shutting down"},
             )
         case Event.CANCEL, _:
             return (

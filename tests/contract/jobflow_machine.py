@@ -1,0 +1,400 @@
+"""A Hypothesis state machine that drives JobFlow and checks DESIGN.md's invariants.
+
+``machine_for(make_store)`` builds the machine for one JobStore factory, so the
+same proof runs against every adapter. Reads and compare-and-set writes are
+separate rules for completion, cancellation and finishing, so Hypothesis
+chooses how concurrent callers interleave.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import structlog
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    rule,
+)
+
+from jobflow import Claim, Event, Job, JobFlow, JobStatus
+from jobflow import states as core
+from jobflow.adapters.memory import InMemoryObjectStore
+from jobflow.errors import (
+    InvalidTransition,
+    JobNotFound,
+    LeaseLost,
+    UploadExpired,
+    UploadMissing,
+    UploadRejected,
+)
+from jobflow.models import Change
+from jobflow.ports import JobStore
+from tests import strategies as S
+
+QUIET = structlog.wrap_logger(
+    structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+VERIFYING = {Event.VERIFY_UPLOAD, Event.REQUEUE}
+LEASE_EVENTS = {Event.HEARTBEAT, Event.SUCCEED, Event.RETRY, Event.FAIL, Event.RELEASE}
+
+
+class JobFlowMachine(RuleBasedStateMachine):
+    make_store: Callable[[], JobStore]
+
+    jobs = Bundle("jobs")
+    claims = Bundle("claims")
+    pending = Bundle("pending")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = S.START
+        self.store = type(self).make_store()
+        self.objects = InMemoryObjectStore()
+        self.flow = JobFlow(store=self.store, objects=self.objects, clock=lambda: self.now,
+                            policy=S.POLICY, logger=QUIET, new_job_id=S.job_ids())
+        self.job_ids: list[str] = []
+        self.declared: dict[str, bool] = {}
+        self.owner: dict[str, str] = {}
+        self.upload: dict[str, str | None] = {}
+        self.undecided: Counter[str] = Counter()  # pending changes not yet committed
+
+    # -- helpers -------------------------------------------------------------------
+
+    def acceptable(self, job_id: str) -> bool:
+        return S.acceptable(self.upload[job_id], self.declared[job_id])
+
+    def unchanged(self, before: Job) -> None:
+        assert self.flow.get(before.id) == before, "a refused call changed the job"
+
+    # -- the client's side ---------------------------------------------------------
+
+    @rule(target=jobs, owner=S.owners, params=S.params, declare=st.booleans())
+    def initiate(self, owner: str, params: dict[str, Any], declare: bool) -> str:
+        # The checksum must be declared at initiate, before the id is known, so
+        # "declared" jobs declare the hash of a fixed payload and upload that.
+        ticket = self.flow.initiate_upload(owner, params, content_type="video/mp4")
+        job = self.flow.get(ticket.job_id)
+        assert job.status is JobStatus.AWAITING_UPLOAD
+        assert ticket.key == job.key and ticket.job_id in job.key
+        assert job.params == params and job.owner_id == owner
+        self.job_ids.append(job.id)
+        self.declared[job.id] = False
+        self.owner[job.id] = owner
+        self.upload[job.id] = None
+        return job.id
+
+    @rule(target=jobs, owner=S.owners)
+    def initiate_with_checksum(self, owner: str) -> str:
+        # The job id is unknown before initiate; the declared bytes are the
+        # owner's fixed payload, uploaded under the "valid" kind below.
+        ticket = self.flow.initiate_upload(owner, content_type="video/mp4",
+                                           sha256=S.payload_sha256(owner))
+        self.job_ids.append(ticket.job_id)
+        self.declared[ticket.job_id] = True
+        self.owner[ticket.job_id] = owner
+        self.upload[ticket.job_id] = None
+        return ticket.job_id
+
+    @rule(target=jobs, owner=S.owners)
+    def initiate_upload_complete(self, owner: str) -> str:
+        """The happy path in one step, so runs reach the worker's side often."""
+        job_id = self.initiate(owner, {}, declare=False)
+        self.upload_object(job_id, "valid")
+        self.complete(job_id, right_owner=True)
+        return job_id
+
+    @rule(job_id=jobs, kind=S.upload_kinds)
+    def upload_object(self, job_id: str, kind: str) -> None:
+        seed = self.owner[job_id] if self.declared[job_id] else job_id
+        data, content_type = S.upload_for(kind, seed, "video/mp4")
+        self.objects.put(self.flow.get(job_id).key, data, content_type=content_type)
+        self.upload[job_id] = kind
+
+    @rule(job_id=jobs, kind=S.upload_kinds)
+    def upload_and_complete(self, job_id: str, kind: str) -> None:
+        self.upload_object(job_id, kind)
+        self.complete(job_id, right_owner=True)
+
+    @rule(job_id=jobs)
+    def delete_object(self, job_id: str) -> None:
+        job = self.flow.get(job_id)
+        # Removing a verified object from under a queued job is outside the
+        # contract; a client may remove an unverified upload, and an operator
+        # may clean up after a job has ended.
+        if job.status in (JobStatus.QUEUED, JobStatus.QUICK_RUNNING) or self.undecided[job_id]:
+            return
+        self.objects.delete(job.key)
+        self.upload[job_id] = None
+
+    @rule(job_id=jobs, right_owner=st.booleans())
+    def complete(self, job_id: str, right_owner: bool) -> None:
+        before = self.flow.get(job_id)
+        owner = self.owner[job_id] if right_owner else "mallory"
+        if not right_owner:
+            with pytest.raises(JobNotFound):
+                self.flow.complete_upload(job_id, owner_id=owner)
+            return self.unchanged(before)
+        verify_events = self._count(job_id, Event.VERIFY_UPLOAD)
+        try:
+            job = self.flow.complete_upload(job_id, owner_id=owner)
+        except UploadMissing:
+            assert before.status is JobStatus.AWAITING_UPLOAD and self.upload[job_id] is None
+            assert self.now < before.upload_expires_at
+            return self.unchanged(before)
+        except UploadRejected:
+            after = self.flow.get(job_id)
+            assert after.status is JobStatus.FAILED and after.upload_verified_at is None
+            if before.status is JobStatus.AWAITING_UPLOAD:
+                assert self.upload[job_id] is not None and not self.acceptable(job_id)
+            return None
+        except UploadExpired:
+            after = self.flow.get(job_id)
+            assert after.status is JobStatus.FAILED and after.upload_verified_at is None
+            if before.status is JobStatus.AWAITING_UPLOAD:
+                assert self.upload[job_id] is None and self.now >= before.upload_expires_at
+            return None
+        except InvalidTransition:
+            assert before.status is JobStatus.FAILED and before.upload_verified_at is None
+            return self.unchanged(before)
+        if before.status is JobStatus.AWAITING_UPLOAD:
+            assert self.acceptable(job_id), f"queued an unacceptable upload {self.upload[job_id]}"
+            assert job.status is JobStatus.QUEUED
+            assert self._count(job_id, Event.VERIFY_UPLOAD) == verify_events + 1
+        else:
+            assert job == before, "completing a verified job again changed it"
+            assert self._count(job_id, Event.VERIFY_UPLOAD) == verify_events
+
+    # -- interleavings: decide now, compare-and-set later -----------------------------
+
+    @rule(target=pending, job_id=jobs)
+    def decide_completion(self, job_id: str) -> Change | Any:
+        job = self.flow.get(job_id)
+        try:
+            change = core.settle_upload(job, core.Evidence(
+                now=self.now, policy=S.POLICY, obj=self.objects.head(job.key)))
+        except (UploadMissing, InvalidTransition):
+            return multiple()
+        self.undecided[job_id] += 1
+        return change
+
+    @rule(target=pending, job_id=jobs)
+    def decide_cancel(self, job_id: str) -> Change | Any:
+        try:
+            change = core.apply(self.flow.get(job_id), Event.CANCEL,
+                                core.Evidence(now=self.now, policy=S.POLICY))
+        except InvalidTransition:
+            return multiple()
+        self.undecided[job_id] += 1
+        return change
+
+    @rule(target=pending, claim=claims, succeed=st.booleans())
+    def decide_finish(self, claim: Claim, succeed: bool) -> Change | Any:
+        job = self.flow.get(claim.job.id)
+        evidence = core.Evidence(now=self.now, policy=S.POLICY, token=claim.token,
+                                 error="boom", result={"ok": True})
+        try:
+            change = (core.apply(job, Event.SUCCEED, evidence) if succeed
+                      else core.finish_with_error(job, evidence))
+        except LeaseLost:
+            return multiple()
+        self.undecided[job.id] += 1
+        return change
+
+    @rule(change=consumes(pending))
+    def commit_decision(self, change: Change) -> None:
+        assert change.before is not None
+        self.undecided[change.before.id] -= 1
+        current = self.flow.get(change.before.id)
+        fresh = (current.status is change.before.status
+                 and current.lease_token == change.before.lease_token)
+        written = self.store.commit(change)
+        if fresh:
+            assert written == change.after, "a compare-and-set on a fresh snapshot failed"
+        else:
+            assert written is None, (
+                f"a stale {change.event} was written over a job that is now {current.status}")
+            self.unchanged(current)
+
+    # -- the worker's side -----------------------------------------------------------
+
+    @rule(target=claims, worker=S.workers, limit=S.claim_limits)
+    def claim(self, worker: str, limit: int) -> Any:
+        claims = self.flow.claim(worker, limit=limit)
+        assert len(claims) <= limit
+        for claim in claims:
+            job = claim.job
+            assert job.status is JobStatus.QUICK_RUNNING and job.lease_token == claim.token
+            assert job.lease_owner == worker and job.run_at <= self.now
+            assert self.objects.head(job.key) is not None, (
+                f"job {job.id} was handed to a worker but its object does not exist")
+            verified = job.verified_object
+            assert verified is not None, f"job {job.id} was handed out unverified"
+            assert S.POLICY.min_bytes <= verified.size <= S.POLICY.max_bytes
+        if len(claims) < limit:
+            left = [j for j in self._jobs()
+                    if j.status is JobStatus.QUEUED and j.run_at <= self.now]
+            assert not left, "claim left due, queued jobs behind"
+        return multiple(*claims)
+
+    @rule(claim=claims)
+    def heartbeat(self, claim: Claim) -> None:
+        renewed = self._leased(claim, lambda: self.flow.heartbeat(claim).job)
+        if renewed is not None:
+            assert renewed.status is JobStatus.QUICK_RUNNING
+            assert renewed.lease_expires_at == self.now + timedelta(seconds=S.POLICY.lease_seconds)
+
+    @rule(claim=claims, result=st.none() | st.just({"frames": 3}))
+    def succeed(self, claim: Claim, result: dict[str, int] | None) -> None:
+        job = self._leased(claim, lambda: self.flow.succeed(claim, result))
+        if job is not None:
+            assert job.status is JobStatus.DONE and job.result == (result or {})
+
+    @rule(claim=claims, retryable=st.booleans())
+    def fail(self, claim: Claim, retryable: bool) -> None:
+        job = self._leased(claim, lambda: self.flow.fail(claim, "boom", retryable=retryable))
+        if job is not None:
+            retried = retryable and job.attempts < job.max_attempts
+            assert job.status is (JobStatus.QUEUED if retried else JobStatus.FAILED)
+            if retried:
+                assert job.run_at > self.now
+
+    @rule(claim=claims)
+    def release(self, claim: Claim) -> None:
+        before = self.flow.get(claim.job.id)
+        job = self._leased(claim, lambda: self.flow.release(claim))
+        if job is not None:
+            assert job.status is JobStatus.QUEUED and job.attempts == before.attempts - 1
+
+    def _leased(self, claim: Claim, call: Callable[[], Any]) -> Any:
+        before = self.flow.get(claim.job.id)
+        holds = before.status is JobStatus.QUICK_RUNNING and before.lease_token == claim.token
+        if holds:
+            job = call()
+            assert job.lease_token in (None, claim.token)
+            return job
+        with pytest.raises(LeaseLost):
+            call()
+        self.unchanged(before)
+        return None
+
+    @rule(seconds=S.clock_steps)
+    def advance_clock(self, seconds: int) -> None:
+        """Time passes; a worker that stopped heartbeating has died."""
+        self.now += timedelta(seconds=seconds)
+
+    # -- housekeeping and admin --------------------------------------------------------
+
+    @rule()
+    def reconcile(self) -> None:
+        before = {j.id: j for j in self._jobs()}
+        report = self.flow.reconcile()
+        for job_id in report.adopted:
+            assert before[job_id].status is JobStatus.AWAITING_UPLOAD and self.acceptable(job_id)
+            assert self.flow.get(job_id).status is JobStatus.QUEUED
+        for job_id in report.rejected:
+            assert not self.acceptable(job_id) and self.upload[job_id] is not None
+        for job_id in report.expired:
+            assert self.upload[job_id] is None
+            assert self.now >= before[job_id].upload_expires_at
+        for job_id in report.rescued + report.lease_failed:
+            lease = before[job_id].lease_expires_at
+            assert lease is not None and lease <= self.now
+        for job in self._jobs():  # nothing overdue is left behind
+            assert not (job.status is JobStatus.QUICK_RUNNING
+                        and job.lease_expires_at is not None and job.lease_expires_at <= self.now)
+            assert not (job.status is JobStatus.AWAITING_UPLOAD
+                        and job.upload_expires_at <= self.now)
+
+    @rule(job_id=jobs)
+    def cancel(self, job_id: str) -> None:
+        before = self.flow.get(job_id)
+        if before.status in (JobStatus.AWAITING_UPLOAD, JobStatus.QUEUED):
+            job = self.flow.cancel(job_id)
+            assert job.status is JobStatus.FAILED and job.error_code == "cancelled"
+        else:
+            with pytest.raises(InvalidTransition):
+                self.flow.cancel(job_id)
+            self.unchanged(before)
+
+    @rule(job_id=jobs)
+    def requeue(self, job_id: str) -> None:
+        before = self.flow.get(job_id)
+        if before.status is not JobStatus.FAILED:
+            with pytest.raises(InvalidTransition):
+                self.flow.requeue(job_id)
+            return self.unchanged(before)
+        if self.upload[job_id] is None:
+            with pytest.raises(UploadMissing):
+                self.flow.requeue(job_id)
+            return self.unchanged(before)
+        if not self.acceptable(job_id):
+            with pytest.raises(UploadRejected):
+                self.flow.requeue(job_id)
+            return self.unchanged(before)
+        job = self.flow.requeue(job_id)
+        assert job.status is JobStatus.QUEUED and job.attempts == 0
+        assert job.upload_verified_at == self.now
+        return None
+
+    # -- the invariants of DESIGN.md, after every step ---------------------------------
+
+    def _jobs(self) -> list[Job]:
+        return [self.flow.get(job_id) for job_id in self.job_ids]
+
+    def _count(self, job_id: str, event: Event) -> int:
+        return sum(1 for row in self.flow.history(job_id) if row.event is event)
+
+    @invariant()
+    def invariants_hold(self) -> None:
+        tokens: list[str] = []
+        statuses: Counter[JobStatus] = Counter()
+        for job in self._jobs():
+            statuses[job.status] += 1
+            history = self.flow.history(job.id)
+            # 6. History is the truth: folding the events gives the status.
+            assert core.replay(history) is job.status
+            assert all(row.at <= self.now for row in history)
+            # 1. Never claimed before verified (the row and its history agree).
+            if job.status not in core.UNVERIFIED_ALLOWED:
+                assert job.upload_verified_at is not None
+            verified = False
+            for row in history:
+                if row.event in VERIFYING:
+                    verified = True
+                elif row.event is Event.CLAIM:
+                    assert verified, f"job {job.id} was claimed before its upload was verified"
+                if row.to_status in core.UNVERIFIED_ALLOWED:
+                    verified = False
+            # 2. One live lease, held only while running.
+            if job.status is JobStatus.QUICK_RUNNING:
+                assert job.lease_token is not None and job.lease_expires_at is not None
+                tokens.append(job.lease_token)
+            else:
+                assert job.lease_token is None and job.lease_owner is None
+            # 3. Idempotent completion.
+            assert sum(1 for row in history if row.event is Event.VERIFY_UPLOAD) <= 1
+            # 4. Terminal is terminal: nothing after done, only requeue after failed.
+            for row, following in itertools.pairwise(history):
+                assert row.to_status is not JobStatus.DONE
+                if row.to_status is JobStatus.FAILED:
+                    assert following.event is Event.REQUEUE
+            # 5. Bounded attempts.
+            assert 0 <= job.attempts <= job.max_attempts
+            assert history[-1].attempt == job.attempts
+        assert len(tokens) == len(set(tokens)), "two running jobs share a lease token"
+        assert self.flow.counts() == {s: statuses[s] for s in JobStatus}
+
+
+def machine_for(make_store: Callable[[], JobStore]) -> type[JobFlowMachine]:
+    """The state machine bound to one JobStore factory."""
+    return type("JobFlowMachineFor", (JobFlowMachine,), {"make_store": staticmethod(make_store)})

@@ -1,0 +1,345 @@
+"""JobFlow's public contract (DESIGN.md §3), run against every JobStore."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+import structlog
+
+from jobflow import Event, JobFlow, JobStatus
+from jobflow.adapters.memory import InMemoryObjectStore
+from jobflow.errors import (
+    ConfigurationError,
+    ContentTypeNotAllowed,
+    InvalidInput,
+    InvalidTransition,
+    JobflowError,
+    JobNotFound,
+    LeaseLost,
+    MalformedJobId,
+    StorageUnavailable,
+    UploadExpired,
+    UploadMissing,
+    UploadRejected,
+)
+from jobflow.ports import JobStore, ObjectStore
+from tests.conftest import StoreFactory
+from tests.strategies import POLICY, START
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def objects() -> InMemoryObjectStore:
+    return InMemoryObjectStore(bucket="videos")
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> Iterator[JobStore]:
+    yield make_store()
+
+
+@pytest.fixture
+def flow(store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> JobFlow:
+    quiet = structlog.wrap_logger(structlog.PrintLogger(),
+                                  wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    return JobFlow(store=store, objects=objects, clock=clock, policy=POLICY, logger=quiet)
+
+
+def queued_job(flow: JobFlow, objects: InMemoryObjectStore, owner: str = "alice") -> str:
+    ticket = flow.initiate_upload(owner, {"w": 1}, content_type="video/mp4")
+    objects.put(ticket.key, b"0123456789", content_type="video/mp4")
+    flow.complete_upload(ticket.job_id, owner_id=owner)
+    return ticket.job_id
+
+
+def test_adapters_satisfy_the_ports(store: JobStore, objects: InMemoryObjectStore) -> None:
+    assert isinstance(store, JobStore) and isinstance(objects, ObjectStore)
+
+
+def test_the_whole_lifecycle(flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    ticket = flow.initiate_upload("alice", {"width": 640}, content_type="video/mp4")
+    assert ticket.bucket == "videos" and ticket.method == "PUT"
+    assert ticket.key == f"uploads/{ticket.job_id}"
+    assert ticket.headers["Content-Type"] == "video/mp4"
+    assert ticket.expires_at == START + timedelta(seconds=POLICY.upload_ttl_seconds)
+    assert flow.claim("w1") == []  # not claimable before the upload is verified
+    objects.put(ticket.key, b"0123456789", content_type="video/mp4")
+    assert flow.claim("w1") == []  # an object alone is not enough: complete verifies it
+    job = flow.complete_upload(ticket.job_id, owner_id="alice")
+    assert job.status is JobStatus.QUEUED and job.object_size == 10
+    [claim] = flow.claim("w1", limit=5)
+    assert claim.job.id == ticket.job_id and claim.job.params == {"width": 640}
+    claim = flow.heartbeat(claim, detail={"stage": "probe", "progress": 0.5})
+    done = flow.succeed(claim, {"frames": 12})
+    assert done.status is JobStatus.DONE and done.result == {"frames": 12}
+    history = flow.history(ticket.job_id)
+    assert [(r.event, r.from_status, r.to_status) for r in history] == [
+        (Event.CREATED, None, JobStatus.AWAITING_UPLOAD),
+        (Event.VERIFY_UPLOAD, JobStatus.AWAITING_UPLOAD, JobStatus.QUEUED),
+        (Event.CLAIM, JobStatus.QUEUED, JobStatus.QUICK_RUNNING),
+        (Event.HEARTBEAT, JobStatus.QUICK_RUNNING, JobStatus.QUICK_RUNNING),
+        (Event.SUCCEED, JobStatus.QUICK_RUNNING, JobStatus.DONE),
+    ]
+    assert [r.seq for r in history] == [1, 2, 3, 4, 5]
+    assert history[2].worker_id == "w1" and history[2].attempt == 1
+    assert history[3].detail["stage"] == "probe"
+    assert history[1].detail["size"] == 10
+    assert flow.counts()[JobStatus.DONE] == 1
+
+
+def test_complete_before_upload_keeps_waiting_and_can_be_retried(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    with pytest.raises(UploadMissing, match="no object uploaded yet"):
+        flow.complete_upload(ticket.job_id, owner_id="alice")
+    assert flow.get(ticket.job_id).status is JobStatus.AWAITING_UPLOAD
+    objects.put(ticket.key, b"abc", content_type="video/mp4")
+    assert flow.complete_upload(ticket.job_id).status is JobStatus.QUEUED
+
+
+def test_complete_is_idempotent_and_skips_the_object_store_once_verified(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    job_id = queued_job(flow, objects)
+    objects.unavailable = True  # a verified job must not need the object store again
+    first = flow.complete_upload(job_id, owner_id="alice")
+    second = flow.complete_upload(job_id, owner_id="alice")
+    assert first == second and first.status is JobStatus.QUEUED
+    assert [r.event for r in flow.history(job_id)].count(Event.VERIFY_UPLOAD) == 1
+
+
+def test_invalid_upload_fails_the_job_and_says_why(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    objects.put(ticket.key, b"", content_type="video/mp4")
+    with pytest.raises(UploadRejected, match="empty"):
+        flow.complete_upload(ticket.job_id)
+    job = flow.get(ticket.job_id)
+    assert job.status is JobStatus.FAILED and job.error_code == "upload_rejected"
+    with pytest.raises(UploadRejected):  # asking again gives the same answer
+        flow.complete_upload(ticket.job_id)
+
+
+def test_complete_after_the_deadline_without_object_expires(
+        flow: JobFlow, clock: Clock) -> None:
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    clock.advance(POLICY.upload_ttl_seconds)
+    with pytest.raises(UploadExpired):
+        flow.complete_upload(ticket.job_id)
+    assert flow.get(ticket.job_id).error_code == "upload_expired"
+
+
+def test_object_store_outage_changes_nothing(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    objects.put(ticket.key, b"abc", content_type="video/mp4")
+    before = flow.get(ticket.job_id)
+    objects.unavailable = True
+    with pytest.raises(StorageUnavailable):
+        flow.complete_upload(ticket.job_id)
+    assert flow.get(ticket.job_id) == before
+    assert len(flow.history(ticket.job_id)) == 1
+
+
+def test_wrong_owner_reads_as_not_found(flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    job_id = queued_job(flow, objects)
+    before = flow.get(job_id)
+    for call in (flow.get, flow.complete_upload, flow.cancel, flow.history):
+        with pytest.raises(JobNotFound) as info:
+            call(job_id, owner_id="mallory")
+        assert "mallory" not in str(info.value)
+    assert flow.get(job_id) == before
+
+
+@pytest.mark.parametrize("job_id", ["nope", "", "../../etc/passwd", "x" * 2000, "a\x00b"])
+def test_malformed_and_unknown_ids_are_not_found(flow: JobFlow, job_id: str) -> None:
+    with pytest.raises(MalformedJobId, match="malformed job id"):
+        flow.get(job_id)
+    with pytest.raises(JobNotFound, match="not found"):
+        flow.complete_upload("00000000-0000-4000-8000-000000000000")
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"params": {"when": datetime.now()}}, InvalidInput, "not JSON-serialisable"),
+    ({"params": {"x": float("nan")}}, InvalidInput, "not JSON-serialisable"),
+    ({"params": ["not", "a", "dict"]}, InvalidInput, "JSON object"),
+    ({"content_type": "application/x-msdownload"}, ContentTypeNotAllowed, "not allowed"),
+    ({"sha256": "abc"}, InvalidInput, "64 hexadecimal"),
+    ({"owner_id": ""}, InvalidInput, "owner_id"),
+    ({"owner_id": "x" * 2000}, InvalidInput, "owner_id"),
+    ({"owner_id": "a\x00b"}, InvalidInput, "NUL"),
+])
+def test_bad_initiate_input_is_refused_and_writes_nothing(
+        flow: JobFlow, kwargs: dict[str, object], error: type[Exception], message: str) -> None:
+    call: dict[str, object] = {"owner_id": "alice", "params": {}, "content_type": "video/mp4"}
+    call.update(kwargs)
+    with pytest.raises(error, match=message):
+        flow.initiate_upload(**call)  # type: ignore[arg-type]
+    assert sum(flow.counts().values()) == 0
+
+
+def test_owner_ids_are_only_data(flow: JobFlow) -> None:
+    ticket = flow.initiate_upload("../../owner/with/slashes", content_type="video/mp4")
+    assert ticket.key == f"uploads/{ticket.job_id}"
+    assert flow.get(ticket.job_id, owner_id="../../owner/with/slashes").id == ticket.job_id
+
+
+def test_wrong_state_events_are_refused_with_context(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    with pytest.raises(InvalidTransition) as info:
+        flow.requeue(ticket.job_id)
+    assert info.value.status == "awaiting_upload" and info.value.event == "requeue"
+    assert str(info.value) == f"cannot requeue job {ticket.job_id} in awaiting_upload"
+    job_id = queued_job(flow, objects)
+    [claim] = flow.claim("w1")
+    with pytest.raises(InvalidTransition, match="cannot cancel"):
+        flow.cancel(job_id)
+    flow.succeed(claim)
+    with pytest.raises(InvalidTransition):
+        flow.cancel(job_id)
+
+
+def test_a_rescued_worker_cannot_touch_the_job(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: Clock) -> None:
+    job_id = queued_job(flow, objects)
+    [zombie] = flow.claim("w1", lease_seconds=10)
+    clock.advance(11)
+    report = flow.reconcile()
+    assert report.rescued == (job_id,)
+    [live] = flow.claim("w2")
+    before = flow.get(job_id)
+    for call in (lambda: flow.heartbeat(zombie), lambda: flow.succeed(zombie),
+                 lambda: flow.fail(zombie, "x"), lambda: flow.release(zombie)):
+        with pytest.raises(LeaseLost, match="no longer held"):
+            call()
+    assert flow.get(job_id) == before
+    assert flow.succeed(live).status is JobStatus.DONE
+
+
+def test_retry_backs_off_then_fails_when_attempts_run_out(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: Clock) -> None:
+    job_id = queued_job(flow, objects)
+    for attempt in range(1, POLICY.max_attempts + 1):
+        [claim] = flow.claim("w1")
+        assert claim.job.attempts == attempt
+        job = flow.fail(claim, f"boom {attempt}")
+        if attempt < POLICY.max_attempts:
+            assert job.status is JobStatus.QUEUED
+            assert flow.claim("w1") == []  # backing off
+            clock.advance((job.run_at - clock.now).total_seconds())
+    assert job.status is JobStatus.FAILED and job.error_message == "boom 3"
+    requeued = flow.requeue(job_id)
+    assert requeued.status is JobStatus.QUEUED and requeued.attempts == 0
+
+
+def test_requeue_refuses_when_the_object_is_gone(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    job_id = queued_job(flow, objects)
+    flow.cancel(job_id)
+    objects.delete(flow.get(job_id).key)
+    with pytest.raises(UploadMissing):
+        flow.requeue(job_id)
+    assert flow.get(job_id).status is JobStatus.FAILED
+
+
+def test_reconcile_adopts_expires_and_leaves_fresh_uploads_alone(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: Clock) -> None:
+    forgotten = flow.initiate_upload("alice", content_type="video/mp4")
+    objects.put(forgotten.key, b"abc", content_type="video/mp4")
+    never = flow.initiate_upload("alice", content_type="video/mp4")
+    assert flow.reconcile().total == 0  # too fresh: the client may still call complete
+    clock.advance(POLICY.adopt_after_seconds)
+    assert flow.reconcile().adopted == (forgotten.job_id,)
+    assert flow.get(never.job_id).status is JobStatus.AWAITING_UPLOAD
+    clock.advance(POLICY.upload_ttl_seconds)
+    assert flow.reconcile().expired == (never.job_id,)
+    assert flow.get(never.job_id).status is JobStatus.FAILED
+
+
+def test_reconcile_never_queues_without_the_store_showing_the_object(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: Clock) -> None:
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    objects.put(ticket.key, b"abc", content_type="video/mp4")
+    clock.advance(POLICY.adopt_after_seconds)
+    objects.unavailable = True
+    report = flow.reconcile()
+    assert report.unavailable == (ticket.job_id,) and report.adopted == ()
+    assert flow.get(ticket.job_id).status is JobStatus.AWAITING_UPLOAD
+
+
+def test_bad_claim_and_clock_arguments(flow: JobFlow, store: JobStore,
+                                       objects: InMemoryObjectStore) -> None:
+    with pytest.raises(InvalidInput, match="limit"):
+        flow.claim("w1", limit=0)
+    with pytest.raises(InvalidInput, match="worker_id"):
+        flow.claim("")
+    naive = JobFlow(store=store, objects=objects, clock=lambda: datetime(2026, 1, 1))
+    with pytest.raises(ConfigurationError, match="aware UTC"):
+        naive.initiate_upload("alice", content_type="video/mp4")
+
+
+def test_each_transition_logs_one_line_with_its_context(
+        store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> None:
+    flow = JobFlow(store=store, objects=objects, clock=clock, policy=POLICY)
+    with structlog.testing.capture_logs() as logs:
+        job_id = queued_job(flow, objects)
+        [claim] = flow.claim("w1")
+        flow.succeed(claim)
+    assert [(e["event"], e["job_id"], e["to_status"]) for e in logs] == [
+        ("created", job_id, "awaiting_upload"), ("verify_upload", job_id, "queued"),
+        ("claim", job_id, "quick_running"), ("succeed", job_id, "done")]
+    assert logs[2]["worker_id"] == "w1" and logs[2]["attempt"] == 1
+
+
+def test_every_error_is_a_jobflow_error() -> None:
+    import jobflow.errors as errors
+    exported = [getattr(errors, n) for n in dir(errors) if n[0].isupper()]
+    assert all(issubclass(e, JobflowError) for e in exported if isinstance(e, type))
+
+
+def test_threads_complete_and_claim_at_once(flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    tickets = [flow.initiate_upload("alice", content_type="video/mp4") for _ in range(20)]
+    for ticket in tickets:
+        objects.put(ticket.key, b"abc", content_type="video/mp4")
+    barrier = threading.Barrier(8)
+    claimed: list[str] = []
+    errors: list[BaseException] = []
+
+    def hammer(worker: str) -> None:
+        try:
+            barrier.wait()
+            for ticket in tickets:
+                flow.complete_upload(ticket.job_id)
+                claimed.extend(c.job.id for c in flow.claim(worker, limit=2))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(f"w{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(claimed) == sorted(t.job_id for t in tickets), "a job claimed twice or lost"
+    for ticket in tickets:
+        events = [r.event for r in flow.history(ticket.job_id)]
+        assert events.count(Event.VERIFY_UPLOAD) == 1 and events.count(Event.CLAIM) == 1

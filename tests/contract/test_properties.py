@@ -1,0 +1,63 @@
+"""The proof: DESIGN.md's invariants hold on every JobStore, under any sequence
+of client, worker, clock and admin actions Hypothesis can find."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import attrs
+import pytest
+from hypothesis import Phase, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from jobflow import Claim, JobStatus
+from jobflow.adapters.memory import InMemoryJobStore
+from jobflow.models import Change, Event, Job
+from tests.conftest import StoreFactory
+from tests.contract.jobflow_machine import machine_for
+
+
+def test_invariants_hold_on_every_store(make_store: StoreFactory) -> None:
+    run_state_machine_as_test(machine_for(make_store))
+
+
+class ClaimsUnverifiedJobs(InMemoryJobStore):
+    """Broken on purpose: claim also takes jobs still awaiting their upload."""
+
+    def claim(self, *, worker_id: str, limit: int, now: datetime,
+              lease_seconds: float) -> list[Claim]:
+        claims = super().claim(worker_id=worker_id, limit=limit, now=now,
+                               lease_seconds=lease_seconds)
+        for job in self.awaiting_uploads(limit=limit - len(claims)):
+            taken = attrs.evolve(job, status=JobStatus.QUICK_RUNNING, lease_token="t" + job.id,
+                                 lease_owner=worker_id, attempts=job.attempts + 1,
+                                 lease_expires_at=now, updated_at=now)
+            written = self.commit(Change(event=Event.CLAIM, before=job, after=taken))
+            assert written is not None
+            claims.append(Claim(job=written, token="t" + job.id))
+        return claims
+
+
+class IgnoresLeaseToken(InMemoryJobStore):
+    """Broken on purpose: compare-and-set checks the status but not the lease token."""
+
+    def commit(self, change: Change) -> Job | None:
+        assert change.before is not None
+        current = self.get(change.before.id)
+        if current.lease_token != change.before.lease_token:
+            change = attrs.evolve(change, before=current)
+        return super().commit(change)
+
+
+@pytest.mark.parametrize(("broken_store", "violation"), [
+    (ClaimsUnverifiedJobs, "handed to a worker but its object does not exist|unverified"),
+    (IgnoresLeaseToken, "a stale .* was written over a job"),
+])
+def test_the_proof_catches_a_broken_store(broken_store: StoreFactory, violation: str) -> None:
+    """A property suite that cannot fail proves nothing: break a store, watch it fail."""
+    with pytest.raises(AssertionError, match=violation):
+        run_state_machine_as_test(
+            machine_for(broken_store),
+            settings=settings(max_examples=400, stateful_step_count=50, database=None,
+                              phases=[Phase.generate], deadline=None),
+        )

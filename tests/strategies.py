@@ -1,0 +1,74 @@
+"""Every Hypothesis strategy of the suite, in one place.
+
+A new field, event or upload kind is added here in the same change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from hypothesis import strategies as st
+
+from jobflow import UploadPolicy
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+POLICY = UploadPolicy(
+    max_bytes=64,
+    min_bytes=1,
+    allowed_content_types=frozenset({"video/mp4", "video/quicktime"}),
+    upload_ttl_seconds=3600,
+    lease_seconds=60,
+    max_attempts=3,
+    backoff_seconds=10,
+    backoff_max_seconds=600,
+    adopt_after_seconds=60,
+)
+
+def job_ids() -> Callable[[], str]:
+    """Deterministic job ids, so a run replays exactly (claims order by id)."""
+    counter = itertools.count(1)
+    return lambda: str(uuid.UUID(int=next(counter)))
+
+
+owners = st.sampled_from(["alice", "bob"])
+workers = st.sampled_from(["worker-1", "worker-2", "worker-3"])
+claim_limits = st.integers(min_value=1, max_value=3)
+#: Small steps, a lease's length, an upload deadline's length.
+clock_steps = st.sampled_from([1, 15, 61, 601, 3601])
+params = st.dictionaries(st.sampled_from(["width", "codec", "note"]),
+                         st.one_of(st.integers(), st.text(max_size=8), st.none()), max_size=3)
+
+#: What a client may put at a job's key. "valid" is the bytes the job declared
+#: (when it declared a checksum); "other" is acceptable except for that checksum.
+UPLOAD_KINDS = ("valid", "other", "empty", "too_large", "wrong_type")
+upload_kinds = st.sampled_from(UPLOAD_KINDS)
+
+
+def payload(job_id: str) -> bytes:
+    """The bytes a job's client means to upload; depends only on the job id."""
+    return b"video:" + job_id.encode()[:32]
+
+
+def payload_sha256(job_id: str) -> str:
+    return hashlib.sha256(payload(job_id)).hexdigest()
+
+
+def upload_for(kind: str, job_id: str, content_type: str) -> tuple[bytes, str]:
+    """The bytes and content type of one kind of upload for a job."""
+    return {
+        "valid": (payload(job_id), content_type),
+        "other": (b"another:" + job_id.encode()[:16], content_type),
+        "empty": (b"", content_type),
+        "too_large": (b"x" * (POLICY.max_bytes + 1), content_type),
+        "wrong_type": (payload(job_id), "text/plain"),
+    }[kind]
+
+
+def acceptable(kind: str | None, declared_sha256: bool) -> bool:
+    """Whether an upload of this kind satisfies POLICY (independent of jobflow's code)."""
+    return kind == "valid" or (kind == "other" and not declared_sha256)

@@ -1,0 +1,210 @@
+"""The pure core: the transition table, guards and effects, with no I/O."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jobflow import Event, Job, JobStatus, ObjectInfo, UploadPolicy
+from jobflow import states as core
+from jobflow.errors import (
+    ConfigurationError,
+    InvalidTransition,
+    LeaseLost,
+    UploadMissing,
+    UploadRejected,
+)
+from tests.strategies import POLICY, START
+
+KEY = "uploads/00000000-0000-0000-0000-000000000001"
+
+
+def new_job(**changes: object) -> Job:
+    job = core.new_job(job_id=KEY.split("/")[1], owner_id="alice", params={}, bucket="b",
+                       key=KEY, content_type="video/mp4", expected_sha256=None, now=START,
+                       policy=POLICY).after
+    return attrs.evolve(job, **changes)
+
+
+def obj(size: int = 10, content_type: str = "video/mp4", sha256: str | None = None) -> ObjectInfo:
+    return ObjectInfo(key=KEY, size=size, content_type=content_type, etag='"e"', sha256=sha256)
+
+
+def evidence(**kwargs: object) -> core.Evidence:
+    return core.Evidence(now=START, policy=POLICY, **kwargs)  # type: ignore[arg-type]
+
+
+def queued() -> Job:
+    return core.settle_upload(new_job(), evidence(obj=obj())).after
+
+
+def running(token: str = "tok") -> Job:
+    return core.apply(queued(), Event.CLAIM,
+                      evidence(new_token=token, worker_id="w1")).after
+
+
+def test_the_table_is_derived_from_the_transitions_machine() -> None:
+    assert core.MACHINE.models == []  # no job is ever attached to the machine
+    assert [e.dest for e in core.TABLE[Event.RESCUE, JobStatus.QUICK_RUNNING]] == [
+        JobStatus.QUEUED, JobStatus.FAILED]
+    assert (Event.CLAIM, JobStatus.AWAITING_UPLOAD) not in core.TABLE
+    sources = {s for (_, s) in core.TABLE}
+    assert JobStatus.DONE not in sources  # terminal
+    assert {e for (e, s) in core.TABLE if s is JobStatus.FAILED} == {Event.REQUEUE}
+
+
+def test_verify_records_what_the_store_reported() -> None:
+    info = ObjectInfo(key=KEY, size=10, content_type="video/mp4", etag='"abc"',
+                      version_id="v1", sha256="ab" * 32)
+    change = core.settle_upload(new_job(), evidence(obj=info))
+    job = change.after
+    assert change.event is Event.VERIFY_UPLOAD and job.status is JobStatus.QUEUED
+    assert (job.object_size, job.object_etag, job.object_version_id, job.object_sha256) == (
+        10, '"abc"', "v1", "ab" * 32)
+    assert job.upload_verified_at == START and job.verified_object == info
+    assert change.record(2).detail["version_id"] == "v1"
+
+
+@pytest.mark.parametrize(("info", "reason"), [
+    (obj(size=0), "object is empty"),
+    (obj(size=POLICY.max_bytes + 1), "above the limit"),
+    (obj(content_type="text/plain"), "not allowed"),
+    (obj(content_type="video/quicktime"), "differs from the declared"),
+    (attrs.evolve(obj(), key="uploads/other"), "is not the job's key"),
+])
+def test_a_policy_breaking_object_is_rejected(info: ObjectInfo, reason: str) -> None:
+    change = core.settle_upload(new_job(), evidence(obj=info))
+    assert change.event is Event.REJECT_UPLOAD and change.after.status is JobStatus.FAILED
+    assert change.after.error_code == "upload_rejected"
+    assert reason in (change.after.error_message or "")
+    assert change.after.upload_verified_at is None
+
+
+def test_a_declared_checksum_must_be_reported_and_match() -> None:
+    job = new_job(expected_sha256="aa" * 32)
+    assert core.settle_upload(job, evidence(obj=obj(sha256="aa" * 32))).after.status is (
+        JobStatus.QUEUED)
+    missing = core.settle_upload(job, evidence(obj=obj(sha256=None))).after
+    assert "reports no checksum" in (missing.error_message or "")
+    wrong = core.settle_upload(job, evidence(obj=obj(sha256="bb" * 32))).after
+    assert "does not match" in (wrong.error_message or "")
+
+
+def test_no_object_keeps_waiting_until_the_deadline_then_expires() -> None:
+    job = new_job()
+    with pytest.raises(UploadMissing):
+        core.settle_upload(job, evidence())
+    late = core.Evidence(now=job.upload_expires_at, policy=POLICY)
+    change = core.settle_upload(job, late)
+    assert change.event is Event.EXPIRE_UPLOAD and change.after.error_code == "upload_expired"
+
+
+def test_a_valid_object_found_after_the_deadline_is_still_verified() -> None:
+    job = new_job()
+    late = core.Evidence(now=job.upload_expires_at + timedelta(seconds=1), policy=POLICY,
+                         obj=obj())
+    assert core.settle_upload(job, late).event is Event.VERIFY_UPLOAD
+
+
+def test_claim_needs_a_verified_due_job_with_attempts_left() -> None:
+    claim = evidence(new_token="t", worker_id="w1")
+    with pytest.raises(InvalidTransition, match=r"cannot claim job .* in awaiting_upload"):
+        core.apply(new_job(), Event.CLAIM, claim)
+    with pytest.raises(InvalidTransition):
+        core.apply(attrs.evolve(queued(), run_at=START + timedelta(seconds=1)), Event.CLAIM, claim)
+    with pytest.raises(InvalidTransition):
+        core.apply(attrs.evolve(queued(), attempts=POLICY.max_attempts), Event.CLAIM, claim)
+    job = core.apply(queued(), Event.CLAIM, claim).after
+    assert (job.status, job.attempts, job.lease_token, job.lease_owner) == (
+        JobStatus.QUICK_RUNNING, 1, "t", "w1")
+    assert job.lease_expires_at == START + timedelta(seconds=POLICY.lease_seconds)
+
+
+@pytest.mark.parametrize("event", [Event.HEARTBEAT, Event.SUCCEED, Event.RELEASE])
+def test_lease_events_are_fenced_by_the_token(event: Event) -> None:
+    with pytest.raises(LeaseLost):
+        core.apply(running("mine"), event, evidence(token="stale"))
+    with pytest.raises(LeaseLost):  # rescued and queued again: still "lost", not "invalid"
+        core.apply(queued(), event, evidence(token="mine"))
+    assert core.apply(running("mine"), event, evidence(token="mine")).after.lease_token in (
+        "mine", None)
+
+
+def test_errors_retry_with_backoff_until_attempts_run_out() -> None:
+    job = running()
+    retry = core.finish_with_error(job, evidence(token="tok", error="boom"))
+    assert retry.event is Event.RETRY and retry.after.status is JobStatus.QUEUED
+    assert retry.after.run_at == START + timedelta(seconds=POLICY.backoff_seconds)
+    assert retry.after.error_message == "boom" and retry.after.lease_token is None
+    last = attrs.evolve(job, attempts=POLICY.max_attempts)
+    failed = core.finish_with_error(last, evidence(token="tok", error="boom"))
+    assert failed.event is Event.FAIL and failed.after.error_code == "handler_error"
+    permanent = core.finish_with_error(job, evidence(token="tok", error="x", retryable=False))
+    assert permanent.after.status is JobStatus.FAILED
+
+
+def test_rescue_requeues_or_fails_only_after_the_lease_expired() -> None:
+    job = running()
+    with pytest.raises(InvalidTransition):
+        core.apply(job, Event.RESCUE, evidence())
+    after_lease = core.Evidence(now=job.lease_expires_at or START, policy=POLICY)
+    assert core.apply(job, Event.RESCUE, after_lease).after.status is JobStatus.QUEUED
+    spent = attrs.evolve(job, attempts=job.max_attempts)
+    failed = core.apply(spent, Event.RESCUE, after_lease).after
+    assert failed.status is JobStatus.FAILED and failed.error_code == "lease_expired"
+
+
+def test_release_hands_the_job_back_without_spending_an_attempt() -> None:
+    job = running()
+    released = core.apply(job, Event.RELEASE, evidence(token="tok")).after
+    assert released.status is JobStatus.QUEUED and released.attempts == job.attempts - 1
+
+
+def test_requeue_verifies_the_object_again() -> None:
+    failed = core.apply(queued(), Event.CANCEL, evidence()).after
+    with pytest.raises(UploadMissing):
+        core.apply(failed, Event.REQUEUE, evidence())
+    with pytest.raises(UploadRejected):
+        core.apply(failed, Event.REQUEUE, evidence(obj=obj(size=0)))
+    job = core.apply(failed, Event.REQUEUE, evidence(obj=obj(size=7))).after
+    assert job.status is JobStatus.QUEUED and job.object_size == 7 and job.attempts == 0
+
+
+@given(st.lists(st.sampled_from(list(Event)), max_size=12))
+def test_done_never_changes(events: list[Event]) -> None:
+    done = core.apply(running(), Event.SUCCEED, evidence(token="tok")).after
+    for event in events:
+        with pytest.raises((InvalidTransition, LeaseLost)):
+            core.apply(done, event, evidence(token="tok", obj=obj(), new_token="n",
+                                             worker_id="w"))
+
+
+def test_replay_rejects_an_inconsistent_history() -> None:
+    created = core.new_job(job_id="j", owner_id="o", params={}, bucket="b", key=KEY,
+                           content_type="video/mp4", expected_sha256=None, now=START,
+                           policy=POLICY)
+    verify = core.settle_upload(created.after, evidence(obj=obj()))
+    assert core.replay([created.record(1), verify.record(2)]) is JobStatus.QUEUED
+    with pytest.raises(ValueError, match="seq"):
+        core.replay([created.record(1), verify.record(3)])
+    with pytest.raises(ValueError, match="from"):
+        core.replay([verify.record(1)])
+
+
+@pytest.mark.parametrize("changes", [
+    {"max_bytes": 0}, {"min_bytes": -1}, {"min_bytes": 10, "max_bytes": 5},
+    {"allowed_content_types": []}, {"lease_seconds": 0}, {"max_attempts": 0},
+    {"upload_ttl_seconds": -5},
+])
+def test_a_malformed_policy_is_refused(changes: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError, match="upload policy"):
+        UploadPolicy(**changes)  # type: ignore[arg-type]
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    policy = UploadPolicy(backoff_seconds=2, backoff_max_seconds=5)
+    assert [policy.retry_delay(n).total_seconds() for n in (1, 2, 3)] == [2, 4, 5]
