@@ -21,6 +21,7 @@ from jobflow.errors import (
     ContentTypeNotAllowed,
     InvalidInput,
     InvalidTransition,
+    JobflowError,
     JobNotFound,
     StorageUnavailable,
     UploadExpired,
@@ -177,6 +178,7 @@ class JobFlow:
             if written is None:
                 continue  # a concurrent completion or reconcile won; look again
             self._logged(change, written)
+            self._discard_failed_upload(change)
             error = states.upload_error(change)
             if error is not None:
                 raise error
@@ -298,6 +300,7 @@ class JobFlow:
             if self._commit_quietly(change):
                 outcome[{Event.VERIFY_UPLOAD: "adopted", Event.REJECT_UPLOAD: "rejected",
                          Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
+                self._discard_failed_upload(change)
         for job in self.store.expired_leases(now=now, limit=limit):
             change = states.apply(job, Event.RESCUE, states.Evidence(now=now, policy=self.policy))
             if self._commit_quietly(change):
@@ -307,6 +310,21 @@ class JobFlow:
         if report.total or report.unavailable:
             self._log.info("reconcile.done", **{k: len(v) for k, v in outcome.items()})
         return report
+
+    def _discard_failed_upload(self, change: Change) -> None:
+        """Delete a rejected or expired upload's object when the policy asks for it.
+
+        The job has already failed; a delete that fails is logged and left to
+        the bucket's own lifecycle rules, never undoing the transition.
+        """
+        if not self.policy.delete_rejected_uploads or change.event not in (
+                Event.REJECT_UPLOAD, Event.EXPIRE_UPLOAD):
+            return
+        try:
+            self.objects.delete(change.after.key)
+        except JobflowError as exc:
+            self._log.warning("upload.delete_failed", job_id=change.after.id,
+                              key=change.after.key, error=str(exc))
 
     def _commit_quietly(self, change: Change) -> bool:
         """Commit; a lost race means another process already handled the job."""

@@ -66,7 +66,9 @@ def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
 class UploadPolicy:
     """What an upload must look like, and how its job is run.
 
-    ``min_bytes`` defaults to 1, so an empty object is rejected.
+    ``min_bytes`` defaults to 1, so an empty object is rejected. With
+    ``delete_rejected_uploads``, a rejected or expired upload's object is
+    deleted once the job has failed.
     """
 
     max_bytes: int = attrs.field(default=5 * 1024**3, validator=_positive)
@@ -80,6 +82,8 @@ class UploadPolicy:
     backoff_seconds: float = attrs.field(default=10.0, validator=_positive)
     backoff_max_seconds: float = attrs.field(default=3600.0, validator=_positive)
     adopt_after_seconds: float = attrs.field(default=60.0)
+    #: Remove the object of a rejected or expired upload from the object store.
+    delete_rejected_uploads: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.min_bytes > self.max_bytes:

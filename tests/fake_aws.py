@@ -1,0 +1,31 @@
+"""An AWS environment for tests: fake credentials, nothing read from the user's setup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REGION = "us-east-1"
+
+
+def use_fake_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fake credentials in the environment; no real AWS config, profile or role is used."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    # Without credentials boto3 would otherwise ask the EC2 metadata service.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def remove_aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials anywhere boto3 looks (call after :func:`use_fake_aws_credentials`)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
