@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
+	bash scripts/ensure-postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

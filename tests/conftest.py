@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
 
+import jobflow.migrations
 from jobflow.adapters.memory import InMemoryJobStore
 from jobflow.ports import JobStore
+from tests.pgcluster import DatabaseServer, PostgresCluster, PostgresUnavailable
+from tests.sqlstores import PostgresStores, SQLiteStores, empty_tables, migrated_sqlite_file
+
+# Read before any test runs: the autouse fixture below hides JOBFLOW_* from tests.
+#: An already running PostgreSQL server to test against (a URL whose user may
+#: create databases) instead of a throw-away cluster started for the run.
+EXTERNAL_DATABASE_URL = os.environ.get("JOBFLOW_TEST_DATABASE_URL")
+#: Under CI a PostgreSQL that cannot start fails the run; elsewhere its tests skip.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Hypothesis profiles: "ci" is the fixed, meaningful budget the test command uses.
 settings.register_profile(
@@ -25,7 +37,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 StoreFactory = Callable[[], JobStore]
 
-STORE_KINDS = ["memory"]
+STORE_KINDS = ["memory", "sqlite", "postgres"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +48,75 @@ def _no_jobflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture(params=STORE_KINDS)
-def make_store(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
+@pytest.fixture(params=[
+    pytest.param(kind, marks=[pytest.mark.postgres] if kind == "postgres" else [])
+    for kind in STORE_KINDS])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """A factory of fresh, empty job stores of one kind."""
     if request.param == "memory":
         yield InMemoryJobStore
+    elif request.param == "sqlite":
+        template = request.getfixturevalue("sqlite_template")
+        stores = SQLiteStores(template, tmp_path)
+        yield stores
+        stores.dispose()
+    elif request.param == "postgres":
+        yield PostgresStores(request.getfixturevalue("pg_engine"))
     else:  # pragma: no cover - every kind above has a branch
         raise AssertionError(request.param)
+
+
+# -- SQL databases -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that SQLite stores start as a copy of."""
+    return migrated_sqlite_file(tmp_path_factory.mktemp("sqlite") / "template.sqlite3")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[DatabaseServer]:
+    """The PostgreSQL server of this run: JOBFLOW_TEST_DATABASE_URL, or a throw-away
+    cluster started here and removed at the end."""
+    cluster: PostgresCluster | None = None
+    if EXTERNAL_DATABASE_URL:
+        server = DatabaseServer(EXTERNAL_DATABASE_URL)
+    else:
+        try:
+            cluster = PostgresCluster().start()
+        except PostgresUnavailable as exc:
+            if IN_CI:
+                pytest.fail(f"PostgreSQL is required under CI and did not start: {exc}")
+            pytest.skip(f"PostgreSQL unavailable: {exc}")
+        server = DatabaseServer(cluster.url())
+    try:
+        yield server
+    finally:
+        try:
+            server.drop_all()
+        finally:
+            if cluster is not None:
+                cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_session_engine(pg_server: DatabaseServer) -> Iterator[sa.Engine]:
+    """An engine on a database migrated once for the whole run."""
+    engine = sa.create_engine(pg_server.create_database())
+    jobflow.migrations.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_session_engine: sa.Engine) -> sa.Engine:
+    """The run's migrated PostgreSQL database, emptied for this test."""
+    empty_tables(pg_session_engine)
+    return pg_session_engine
+
+
+@pytest.fixture
+def pg_url(pg_server: DatabaseServer) -> sa.URL:
+    """A new, empty PostgreSQL database (no jobflow tables yet)."""
+    return pg_server.create_database()

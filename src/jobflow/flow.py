@@ -266,7 +266,8 @@ class JobFlow:
         job = claim.job
         return self._transition(job.id, lambda current: states.finish_with_error(
             current, self._evidence(token=claim.token, worker_id=job.lease_owner,
-                                    error=str(error), retryable=retryable,
+                                    error=str(error).replace("\x00", "\\0"),
+                                    retryable=retryable,
                                     retry_delay=retry_in, error_code=error_code)))
 
     def release(self, claim: Claim, *, reason: str = "worker shutting down") -> Job:

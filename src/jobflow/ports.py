@@ -76,6 +76,11 @@ class JobStore(Protocol):
         """Number of jobs per status, every status present (0 where none)."""
         ...
 
+    def failed_since(self, *, since: datetime, limit: int) -> list[Job]:
+        """Jobs in ``failed`` whose ``finished_at`` is at or after ``since``,
+        most recently finished first (for monitoring)."""
+        ...
+
 
 @runtime_checkable
 class ObjectStore(Protocol):

@@ -251,6 +251,14 @@ def test_retry_backs_off_then_fails_when_attempts_run_out(
     assert requeued.status is JobStatus.QUEUED and requeued.attempts == 0
 
 
+def test_error_text_with_nul_is_kept_readable(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    queued_job(flow, objects)
+    [claim] = flow.claim("w1")
+    job = flow.fail(claim, "bad\x00byte", retryable=False)
+    assert job.error_message == "bad\\0byte"
+
+
 def test_requeue_refuses_when_the_object_is_gone(
         flow: JobFlow, objects: InMemoryObjectStore) -> None:
     job_id = queued_job(flow, objects)

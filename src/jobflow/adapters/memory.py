@@ -127,6 +127,14 @@ class InMemoryJobStore(_Outage):
                        and j.lease_expires_at is not None and j.lease_expires_at <= now]
         return sorted(expired, key=lambda j: (j.lease_expires_at or now, j.id))[:limit]
 
+    def failed_since(self, *, since: datetime, limit: int) -> list[Job]:
+        with self._locked():
+            failed = [j for j in self._jobs.values() if j.status is JobStatus.FAILED
+                      and j.finished_at is not None and j.finished_at >= since]
+        failed.sort(key=lambda j: j.id)
+        failed.sort(key=lambda j: j.finished_at or since, reverse=True)
+        return failed[:limit]
+
     def counts(self) -> dict[JobStatus, int]:
         with self._locked():
             counts = dict.fromkeys(JobStatus, 0)

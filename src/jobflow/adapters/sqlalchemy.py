@@ -1,0 +1,560 @@
+"""A :class:`~jobflow.ports.JobStore` in PostgreSQL or SQLite, through SQLAlchemy 2 Core.
+
+Every write is one compare-and-set on the job row plus its history row, in
+one transaction:
+
+* On PostgreSQL every call is a single statement, run as its own transaction
+  (one round trip): a data-modifying CTE updates the job and inserts its
+  history row, numbered from the job row it locked. ``claim`` takes a batch of
+  due jobs with ``FOR UPDATE SKIP LOCKED`` from the partial index of queued
+  jobs, so concurrent claimers on many hosts never wait for, nor share, a job.
+  A write that makes a job ``queued`` also sends ``NOTIFY`` on
+  :data:`NOTIFY_CHANNEL` (payload: the job id), delivered at commit.
+* On SQLite each write runs inside ``BEGIN IMMEDIATE`` (one writer at a time;
+  others wait up to the busy timeout). File databases are switched to WAL so
+  that readers never block the writer.
+
+The database enforces the invariants that need no object store (see
+:mod:`jobflow.adapters.sqlalchemy_schema`); :mod:`jobflow.migrations`
+creates the tables.
+
+Driver errors are translated here: a lost, refused or locked connection
+raises :class:`~jobflow.errors.StorageUnavailable`, a missing table
+:class:`~jobflow.errors.ConfigurationError`, a row the database's constraints
+refuse :class:`~jobflow.errors.InvalidInput`.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from jobflow.adapters.sqlalchemy_schema import events, jobs, status_is
+from jobflow.errors import (
+    ConfigurationError,
+    InvalidInput,
+    JobflowError,
+    JobNotFound,
+    StorageUnavailable,
+)
+from jobflow.models import Change, Claim, Event, Job, JobEvent, JobStatus
+
+#: The PostgreSQL channel notified (payload: the job id) when a job becomes
+#: ``queued``. The job may still be due later (``run_at``); listeners should
+#: simply try to claim.
+NOTIFY_CHANNEL = "jobflow_jobs_queued"
+
+SUPPORTED_DIALECTS = frozenset({"postgresql", "sqlite"})
+
+# Job attributes stored under another column name.
+_COLUMN_OF_FIELD = {"key": "object_key"}
+_JOB_FIELDS = tuple(field.name for field in attrs.fields(Job))
+
+
+# -- rows and domain objects ------------------------------------------------------------
+
+
+def _job_from_row(row: sa.RowMapping) -> Job:
+    """The one place a database row becomes a :class:`Job`."""
+    values = {name: row[_COLUMN_OF_FIELD.get(name, name)] for name in _JOB_FIELDS}
+    values["status"] = JobStatus(values["status"])
+    return Job(**values)
+
+
+def _event_from_row(row: sa.RowMapping) -> JobEvent:
+    return JobEvent(
+        job_id=row["job_id"], seq=row["seq"], event=Event(row["event"]),
+        from_status=JobStatus(row["from_status"]) if row["from_status"] is not None else None,
+        to_status=JobStatus(row["to_status"]), at=row["at"], worker_id=row["worker_id"],
+        attempt=row["attempt"], detail=row["detail"])
+
+
+def _job_params(job: Job) -> dict[str, Any]:
+    """The ``job_<column>`` parameters that store ``job`` (every column but
+    ``history_length``, which the database counts)."""
+    return {f"job_{_COLUMN_OF_FIELD.get(name, name)}": getattr(job, name)
+            for name in _JOB_FIELDS}
+
+
+def _event_params(change: Change) -> dict[str, Any]:
+    """The ``event_<column>`` parameters of ``change``'s history row, but its ``seq``."""
+    record = change.record(seq=0)
+    return {"event_event": record.event, "event_from_status": record.from_status,
+            "event_to_status": record.to_status, "event_at": record.at,
+            "event_worker_id": record.worker_id, "event_attempt": record.attempt,
+            "event_detail": record.detail}
+
+
+def _canonical_job_id(job_id: str) -> str | None:
+    """``job_id`` if it is a job id in canonical form (a lowercase UUID), else None."""
+    try:
+        return job_id if str(uuid.UUID(job_id)) == job_id else None
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+# -- statements, built once (building them per call costs more than running them) -------------
+
+
+def _param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=column.type)
+
+
+def _cast_param(name: str, column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    """A parameter cast to the column's type, which ``INSERT ... SELECT`` needs on PostgreSQL."""
+    return sa.cast(_param(name, column), column.type)
+
+
+_JOB_COLUMNS = [column for column in jobs.c if column.name != "history_length"]
+_EVENT_COLUMNS = ["event", "from_status", "to_status", "at", "worker_id", "attempt", "detail"]
+_NOW = _param("now", jobs.c.updated_at)
+_LIMIT = sa.bindparam("limit", type_=sa.Integer)
+
+
+def _compare_and_set(*, token_is_null: bool) -> sa.Update:
+    """Write the ``job_*`` values if the job still has the expected status and lease token."""
+    token = (jobs.c.lease_token.is_(None) if token_is_null
+             else jobs.c.lease_token == _param("expected_token", jobs.c.lease_token))
+    return (sa.update(jobs)
+            .where(jobs.c.id == _param("expected_id", jobs.c.id),
+                   jobs.c.status == _param("expected_status", jobs.c.status), token)
+            .values({c.name: _param(f"job_{c.name}", c) for c in _JOB_COLUMNS if c.name != "id"})
+            .values(history_length=jobs.c.history_length + 1)
+            .returning(jobs.c.id, jobs.c.history_length))
+
+
+def _logged(written: sa.CTE, *, notify: bool) -> sa.Select[Any]:
+    """PostgreSQL: append the ``event_*`` history row for the job row ``written``
+    returned (none when the compare-and-set lost), and NOTIFY when asked."""
+    logged = (
+        sa.insert(events)
+        .from_select(["job_id", "seq", *_EVENT_COLUMNS],
+                     sa.select(written.c.id, written.c.history_length,
+                               *(_cast_param(f"event_{n}", events.c[n]) for n in _EVENT_COLUMNS)))
+        .returning(events.c.job_id, events.c.seq)
+        .cte("logged"))
+    if notify:
+        return sa.select(logged.c.seq, sa.func.pg_notify(
+            sa.literal_column(f"'{NOTIFY_CHANNEL}'"), sa.cast(logged.c.job_id, sa.Text)))
+    return sa.select(logged.c.seq)
+
+
+def _due() -> sa.Select[Any]:
+    """Claimable jobs (the guards of the claim edge), oldest ``run_at`` first, then id."""
+    return (sa.select(jobs.c.id)
+            .where(status_is(JobStatus.QUEUED), jobs.c.run_at <= _NOW,
+                   jobs.c.attempts < jobs.c.max_attempts, jobs.c.upload_verified_at.is_not(None))
+            .order_by(jobs.c.run_at, jobs.c.id)
+            .limit(_LIMIT))
+
+
+# The claim edge's effects (jobflow.states), applied by the database to each claimed row.
+_CLAIM_EFFECTS: dict[str, Any] = {
+    "status": _param("claimed_status", jobs.c.status),
+    "lease_owner": _param("worker_id", jobs.c.lease_owner),
+    "lease_expires_at": _param("lease_expires_at", jobs.c.lease_expires_at),
+    "attempts": jobs.c.attempts + 1, "started_at": _NOW, "updated_at": _NOW,
+    "history_length": jobs.c.history_length + 1,
+}
+
+
+def _postgres_claim() -> sa.Select[Any]:
+    """One statement: lock a batch of due jobs (skipping locked ones), take them, log them."""
+    picked = _due().with_for_update(skip_locked=True).cte("picked")
+    claimed = (sa.update(jobs).where(jobs.c.id == picked.c.id)
+               .values(**_CLAIM_EFFECTS, lease_token=sa.cast(sa.func.gen_random_uuid(), sa.Text))
+               .returning(*jobs.c)
+               .cte("claimed"))
+    logged = (
+        sa.insert(events)
+        .from_select(["job_id", "seq", "attempt", *(n for n in _EVENT_COLUMNS if n != "attempt")],
+                     sa.select(claimed.c.id, claimed.c.history_length, claimed.c.attempts,
+                               *(_cast_param(f"event_{n}", events.c[n])
+                                 for n in _EVENT_COLUMNS if n != "attempt")))
+        .returning(events.c.seq)
+        .cte("logged"))
+    return sa.select(claimed).add_cte(logged)
+
+
+def _sqlite_claim() -> sa.Update:
+    """Take the due jobs; run inside BEGIN IMMEDIATE, so no other writer interleaves."""
+    return (sa.update(jobs).where(jobs.c.id.in_(_due().scalar_subquery()))
+            .values(**_CLAIM_EFFECTS,
+                    lease_token=sa.func.lower(sa.func.hex(sa.func.randomblob(16))))
+            .returning(*jobs.c))
+
+
+_INSERT_JOB = sa.insert(jobs).values(
+    {c.name: _param(f"job_{c.name}", c) for c in _JOB_COLUMNS}).values(history_length=1)
+_INSERT_EVENT = sa.insert(events).values(
+    {n: _param(f"event_{n}", events.c[n]) for n in _EVENT_COLUMNS}).values(
+    job_id=_param("event_job_id", events.c.job_id), seq=_param("event_seq", events.c.seq))
+_COMPARE_AND_SET = {token_is_null: _compare_and_set(token_is_null=token_is_null)
+                    for token_is_null in (False, True)}
+_POSTGRES_CREATE = _logged(_INSERT_JOB.returning(jobs.c.id, jobs.c.history_length).cte("created"),
+                           notify=False)
+_POSTGRES_COMMIT = {
+    (token_is_null, notify): _logged(_COMPARE_AND_SET[token_is_null].cte("changed"), notify=notify)
+    for token_is_null in (False, True) for notify in (False, True)}
+_POSTGRES_CLAIM = _postgres_claim()
+_SQLITE_CLAIM = _sqlite_claim()
+_GET = sa.select(jobs).where(jobs.c.id == _param("job_id", jobs.c.id))
+_EXISTS = sa.select(jobs.c.id).where(jobs.c.id == _param("job_id", jobs.c.id))
+_HISTORY = (sa.select(events).where(events.c.job_id == _param("job_id", events.c.job_id))
+            .order_by(events.c.seq))
+_AWAITING_UPLOADS = (sa.select(jobs).where(status_is(JobStatus.AWAITING_UPLOAD))
+                     .order_by(jobs.c.upload_expires_at, jobs.c.id).limit(_LIMIT))
+_EXPIRED_LEASES = (sa.select(jobs).where(status_is(JobStatus.QUICK_RUNNING),
+                                         jobs.c.lease_expires_at <= _NOW)
+                   .order_by(jobs.c.lease_expires_at, jobs.c.id).limit(_LIMIT))
+_FAILED_SINCE = (sa.select(jobs).where(status_is(JobStatus.FAILED),
+                                       jobs.c.finished_at >= _param("since", jobs.c.finished_at))
+                 .order_by(jobs.c.finished_at.desc(), jobs.c.id).limit(_LIMIT))
+_COUNTS = sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)
+
+
+# -- driver errors --------------------------------------------------------------------------
+
+
+def _constraint_name(exc: sa_exc.IntegrityError) -> str:
+    diag = getattr(exc.orig, "diag", None)
+    name = getattr(diag, "constraint_name", None)
+    if name:
+        return str(name)
+    message = str(exc.orig)
+    return message.split(":", 1)[1].strip() if ":" in message else message
+
+
+def _is_duplicate_key(exc: sa_exc.IntegrityError) -> bool:
+    return (getattr(exc.orig, "sqlstate", None) == "23505"
+            or "UNIQUE constraint failed" in str(exc.orig))
+
+
+def _translate(exc: sa_exc.StatementError, action: str, job_id: str | None) -> JobflowError:
+    """The jobflow error for a driver error raised while doing ``action``."""
+    orig = exc.orig
+    if isinstance(orig, JobflowError):  # raised by one of our column types
+        return orig
+    detail = str(orig).strip().splitlines()[0] if orig is not None else str(exc)
+    about = f" job {job_id}" if job_id else ""
+    if isinstance(exc, sa_exc.IntegrityError):
+        if action == "create" and _is_duplicate_key(exc):
+            return InvalidInput(f"job {job_id} already exists")
+        return InvalidInput(f"the database refused to {action}{about}: "
+                            f"constraint {_constraint_name(exc)} failed")
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return StorageUnavailable(f"lost the database connection while trying to {action}"
+                                  f"{about}: {detail}")
+    missing_table = "no such table" in detail or getattr(orig, "sqlstate", None) == "42P01"
+    if missing_table or isinstance(exc, sa_exc.ProgrammingError):
+        return ConfigurationError(
+            f"the database schema is not jobflow's ({detail}); run jobflow.migrations.upgrade")
+    if isinstance(exc, sa_exc.DataError):
+        return InvalidInput(f"the database refused a value while trying to {action}{about}: "
+                            f"{detail}")
+    return StorageUnavailable(f"the database failed while trying to {action}{about}: {detail}")
+
+
+@contextmanager
+def _driver_errors(action: str, job_id: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except sa_exc.StatementError as exc:
+        raise _translate(exc, action, job_id) from exc
+    except (sa_exc.TimeoutError, sa_exc.DisconnectionError) as exc:
+        raise StorageUnavailable(f"no database connection to {action}: {exc}") from exc
+
+
+# -- where statements run ----------------------------------------------------------------------
+
+
+class _Transactions(Protocol):
+    """Hands out a connection for one read or one atomic write."""
+
+    def read(self) -> AbstractContextManager[Connection]: ...
+
+    def write(self) -> AbstractContextManager[Connection]: ...
+
+
+def _sqlite_in_transaction(conn: Connection) -> bool:
+    return bool(getattr(conn.connection.dbapi_connection, "in_transaction", False))
+
+
+class _SQLiteSetup:
+    """Per-connection SQLite settings, applied once to each pooled connection."""
+
+    _DONE = "jobflow_sqlite_ready"
+
+    def __init__(self, engine: Engine, busy_timeout_seconds: float) -> None:
+        database = engine.url.database or ""
+        self.file_backed = database not in ("", ":memory:") and "mode=memory" not in str(
+            engine.url)
+        self.busy_timeout_ms = int(busy_timeout_seconds * 1000)
+
+    def prepare(self, conn: Connection) -> None:
+        info = conn.connection.info
+        if info.get(self._DONE):
+            return
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+        conn.exec_driver_sql("PRAGMA foreign_keys = ON")
+        if self.file_backed:
+            conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+        conn.commit()
+        info[self._DONE] = True
+
+
+class _EngineTransactions:
+    """Each call on its own pooled connection, committed by jobflow.
+
+    On PostgreSQL every call is a single statement (see the store's writes),
+    so it runs in autocommit mode: the statement is its own transaction and
+    costs one round trip, with no BEGIN or COMMIT around it.
+    """
+
+    def __init__(self, engine: Engine, sqlite: _SQLiteSetup | None) -> None:
+        self._engine = engine
+        self._sqlite = sqlite
+        self._single_statements = (engine.execution_options(isolation_level="AUTOCOMMIT")
+                                   if sqlite is None else engine)
+        # SQLite has one writer at a time: threads of this process queue here
+        # rather than in SQLite's busy handler, which sleeps and polls.
+        self._write_lock = threading.Lock()
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self._single_statements.connect() as conn:
+            if self._sqlite is not None:
+                self._sqlite.prepare(conn)
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        if self._sqlite is None:
+            with self._single_statements.connect() as conn:
+                yield conn
+            return
+        with self._write_lock, self._engine.connect() as conn:
+            self._sqlite.prepare(conn)
+            # Take the write lock first: a deferred transaction that read before
+            # writing could not be upgraded once another writer committed.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
+            conn.commit()
+
+
+class _HostTransactions:
+    """Every call on the host's connection, inside the host's transaction; never commits."""
+
+    def __init__(self, connection: Callable[[], Connection], sqlite: bool) -> None:
+        self._connection = connection
+        self._sqlite = sqlite
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        yield self._connection()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        conn = self._connection()
+        if not self._sqlite:
+            yield conn  # every write is one statement: atomic by itself
+            return
+        if not _sqlite_in_transaction(conn):
+            # pysqlite opens the real transaction lazily; a SAVEPOINT opened
+            # outside one would commit on release, behind the host's back.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        with conn.begin_nested():
+            yield conn
+
+
+def _dialect_name(name: str) -> str:
+    if name not in SUPPORTED_DIALECTS:
+        raise ConfigurationError(
+            f"SqlAlchemyJobStore supports PostgreSQL and SQLite, not {name!r}")
+    return name
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+class SqlAlchemyJobStore:
+    """Jobs and their history in PostgreSQL (psycopg 3) or SQLite.
+
+    ``engine`` is a SQLAlchemy 2 :class:`~sqlalchemy.engine.Engine`; its
+    database must have been migrated with :func:`jobflow.migrations.upgrade`.
+    Nothing connects until the first call. Each call runs in its own
+    transaction, committed before it returns; use :meth:`bind` to run calls
+    inside a transaction of your own instead.
+
+    For SQLite use a file database (``sqlite:///path/jobs.sqlite3``): it is
+    switched to WAL, each connection waits up to ``busy_timeout_seconds`` for
+    the write lock, and the store is safe to share between threads and
+    processes. An in-memory SQLite database is private to one connection.
+    """
+
+    def __init__(self, engine: Engine, *, busy_timeout_seconds: float = 30.0) -> None:
+        self._dialect = _dialect_name(engine.dialect.name)
+        self._engine = engine
+        sqlite = (_SQLiteSetup(engine, busy_timeout_seconds)
+                  if self._dialect == "sqlite" else None)
+        self._transactions: _Transactions = _EngineTransactions(engine, sqlite)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine this store was made with."""
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def bind(self, connection: Connection | Session) -> SqlAlchemyJobStore:
+        """A store that runs on ``connection`` (a Connection or ORM Session) and never
+        commits nor rolls back: the host's transaction decides.
+
+        A job created through it commits or rolls back together with the host's
+        own rows, history included. On PostgreSQL its NOTIFY is delivered when
+        the host commits. Claims made through it are held only once the host
+        commits, so workers should use the unbound store.
+        """
+        if isinstance(connection, Session):
+            session = connection
+            dialect = session.get_bind().dialect.name
+
+            def current() -> Connection:
+                return session.connection()
+        elif isinstance(connection, Connection):
+            host = connection
+            dialect = host.dialect.name
+
+            def current() -> Connection:
+                return host
+        else:
+            raise ConfigurationError(
+                f"bind() takes a SQLAlchemy Connection or Session, not {type(connection).__name__}")
+        bound = copy.copy(self)
+        bound._dialect = _dialect_name(dialect)
+        bound._transactions = _HostTransactions(current, sqlite=bound._dialect == "sqlite")
+        return bound
+
+    @property
+    def _postgres(self) -> bool:
+        return self._dialect == "postgresql"
+
+    # -- writes ------------------------------------------------------------------------
+
+    def create(self, change: Change) -> Job:
+        job = change.after
+        if _canonical_job_id(job.id) is None:
+            raise InvalidInput(f"job id {job.id!r} is not a canonical UUID")
+        params = {**_job_params(job), **_event_params(change)}
+        with _driver_errors("create", job.id), self._transactions.write() as conn:
+            if self._postgres:
+                conn.execute(_POSTGRES_CREATE, params)
+            else:
+                conn.execute(_INSERT_JOB, params)
+                conn.execute(_INSERT_EVENT, {**params, "event_job_id": job.id, "event_seq": 1})
+        return job
+
+    def commit(self, change: Change) -> Job | None:
+        before, after = change.before, change.after
+        if before is None:
+            raise InvalidInput("commit needs the snapshot the change was decided on")
+        if before.id != after.id:
+            raise InvalidInput(f"a change cannot turn job {before.id} into job {after.id}")
+        if _canonical_job_id(before.id) is None:
+            return None
+        token_is_null = before.lease_token is None
+        params = {**_job_params(after), **_event_params(change), "expected_id": before.id,
+                  "expected_status": before.status, "expected_token": before.lease_token}
+        with _driver_errors(change.event.value, before.id), self._transactions.write() as conn:
+            if self._postgres:
+                notify = after.status is JobStatus.QUEUED
+                statement = _POSTGRES_COMMIT[token_is_null, notify]
+                return after if conn.execute(statement, params).first() is not None else None
+            written = conn.execute(_COMPARE_AND_SET[token_is_null], params).mappings().first()
+            if written is None:
+                return None
+            conn.execute(_INSERT_EVENT, {**params, "event_job_id": before.id,
+                                         "event_seq": written["history_length"]})
+        return after
+
+    def claim(self, *, worker_id: str, limit: int, now: datetime,
+              lease_seconds: float) -> list[Claim]:
+        if limit < 1:
+            return []
+        expires = now + timedelta(seconds=lease_seconds)
+        params = {"now": now, "limit": limit, "worker_id": worker_id,
+                  "lease_expires_at": expires, "claimed_status": JobStatus.QUICK_RUNNING,
+                  "event_event": Event.CLAIM, "event_from_status": JobStatus.QUEUED,
+                  "event_to_status": JobStatus.QUICK_RUNNING, "event_at": now,
+                  "event_worker_id": worker_id,
+                  "event_detail": {"lease_expires_at": expires.isoformat()}}
+        with _driver_errors("claim"), self._transactions.write() as conn:
+            if self._postgres:
+                rows = conn.execute(_POSTGRES_CLAIM, params).mappings().all()
+            else:
+                rows = conn.execute(_SQLITE_CLAIM, params).mappings().all()
+                if rows:
+                    conn.execute(_INSERT_EVENT, [
+                        {**params, "event_job_id": row["id"], "event_seq": row["history_length"],
+                         "event_attempt": row["attempts"]} for row in rows])
+        claimed = sorted((_job_from_row(row) for row in rows), key=lambda j: (j.run_at, j.id))
+        return [Claim(job=job, token=job.lease_token) for job in claimed
+                if job.lease_token is not None]
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        if _canonical_job_id(job_id) is None:
+            raise JobNotFound(job_id)
+        with _driver_errors("read", job_id), self._transactions.read() as conn:
+            row = conn.execute(_GET, {"job_id": job_id}).mappings().first()
+        if row is None:
+            raise JobNotFound(job_id)
+        return _job_from_row(row)
+
+    def history(self, job_id: str) -> list[JobEvent]:
+        if _canonical_job_id(job_id) is None:
+            raise JobNotFound(job_id)
+        with _driver_errors("read the history of", job_id), self._transactions.read() as conn:
+            rows = conn.execute(_HISTORY, {"job_id": job_id}).mappings().all()
+            if not rows and conn.execute(_EXISTS, {"job_id": job_id}).first() is None:
+                raise JobNotFound(job_id)
+        return [_event_from_row(row) for row in rows]
+
+    def awaiting_uploads(self, *, limit: int) -> list[Job]:
+        return self._jobs(_AWAITING_UPLOADS, {"limit": limit})
+
+    def expired_leases(self, *, now: datetime, limit: int) -> list[Job]:
+        return self._jobs(_EXPIRED_LEASES, {"now": now, "limit": limit})
+
+    def failed_since(self, *, since: datetime, limit: int) -> list[Job]:
+        return self._jobs(_FAILED_SINCE, {"since": since, "limit": limit})
+
+    def _jobs(self, query: sa.Select[Any], params: dict[str, Any]) -> list[Job]:
+        if params["limit"] < 1:
+            return []
+        with _driver_errors("list jobs"), self._transactions.read() as conn:
+            rows = conn.execute(query, params).mappings().all()
+        return [_job_from_row(row) for row in rows]
+
+    def counts(self) -> dict[JobStatus, int]:
+        counts = dict.fromkeys(JobStatus, 0)
+        with _driver_errors("count jobs"), self._transactions.read() as conn:
+            for status, number in conn.execute(_COUNTS):
+                counts[JobStatus(status)] = number
+        return counts
+
+
+__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "SqlAlchemyJobStore"]

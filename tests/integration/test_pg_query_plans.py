@@ -1,0 +1,70 @@
+"""The hot PostgreSQL queries can use their partial indexes: claiming queued jobs
+and the scans of reconcile and monitoring never need to read finished jobs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from psycopg.sql import Literal
+
+from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+Statement = tuple[str, Any]
+
+
+@pytest.fixture
+def executed(pg_engine: sa.Engine) -> Iterator[list[Statement]]:
+    """Every statement the engine sends, with its parameters."""
+    statements: list[Statement] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+               executemany: bool) -> None:
+        statements.append((statement, parameters))
+
+    sa.event.listen(pg_engine, "before_cursor_execute", record)
+    yield statements
+    sa.event.remove(pg_engine, "before_cursor_execute", record)
+
+
+def generic_plan_of(engine: sa.Engine, statement: Statement) -> str:
+    """The plan PostgreSQL uses for the statement prepared once and run with any
+    parameters (a generic plan, as for psycopg's prepared statements), when
+    scanning the whole table is not an option."""
+    sql, parameters = statement
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", sql)))
+    numbered = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m[1]) + 1}", sql)
+    with engine.connect() as conn:
+        driver = conn.connection.dbapi_connection
+        arguments = ", ".join(Literal(parameters[name]).as_string(driver) for name in names)
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(f"PREPARE scan AS {numbered}")
+        plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN EXECUTE scan({arguments})").scalars())
+        conn.rollback()
+        conn.exec_driver_sql("DEALLOCATE scan")  # prepared statements outlive transactions
+    return plan
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("call", "index"), [
+    (lambda store: store.claim(worker_id="w", limit=10, now=NOW, lease_seconds=60),
+     "ix_jobflow_jobs_queued_run_at"),
+    (lambda store: store.awaiting_uploads(limit=10),
+     "ix_jobflow_jobs_awaiting_upload_expires_at"),
+    (lambda store: store.expired_leases(now=NOW, limit=10),
+     "ix_jobflow_jobs_running_lease_expires_at"),
+    (lambda store: store.failed_since(since=NOW, limit=10),
+     "ix_jobflow_jobs_failed_finished_at"),
+], ids=["claim", "awaiting_uploads", "expired_leases", "failed_since"])
+def test_each_scan_uses_its_partial_index(
+        pg_engine: sa.Engine, executed: list[Statement],
+        call: Callable[[SqlAlchemyJobStore], object], index: str) -> None:
+    call(SqlAlchemyJobStore(pg_engine))
+    [statement] = executed
+    assert index in generic_plan_of(pg_engine, statement)
