@@ -20,7 +20,8 @@ translate driver errors (SQLAlchemy, botocore, OS errors) into this tree with
     │   ├── UploadRejected
     │   └── UploadExpired
     ├── ObjectChanged
-    └── StorageUnavailable
+    ├── StorageUnavailable
+    └── PermanentJobError
 """
 
 from __future__ import annotations
@@ -141,3 +142,15 @@ class StorageUnavailable(JobflowError):
 
     Transient: nothing was changed, and the call may be retried.
     """
+
+
+class PermanentJobError(JobflowError):
+    """Raised by a handler when retrying cannot help: the job fails at once.
+
+    Any other exception from a handler is retried with backoff while attempts
+    remain. ``error_code`` (default ``handler_error``) is kept on the job.
+    """
+
+    def __init__(self, message: str, *, error_code: str | None = None) -> None:
+        self.error_code = error_code
+        super().__init__(message)

@@ -226,6 +226,18 @@ class JobFlow:
     def counts(self) -> dict[JobStatus, int]:
         return self.store.counts()
 
+    def stuck_uploads(self, *, older_than: timedelta, limit: int = 1000) -> list[Job]:
+        """Jobs still in ``awaiting_upload`` created more than ``older_than`` ago,
+        oldest first; looks at the ``limit`` waiting jobs whose deadline is nearest."""
+        cutoff = self.now() - older_than
+        waiting = [job for job in self.store.awaiting_uploads(limit=limit)
+                   if job.created_at <= cutoff]
+        return sorted(waiting, key=lambda job: (job.created_at, job.id))
+
+    def recent_failures(self, *, within: timedelta, limit: int = 1000) -> list[Job]:
+        """Jobs that failed during the last ``within``, most recent first."""
+        return self.store.failed_since(since=self.now() - within, limit=limit)
+
     # -- the worker's side ---------------------------------------------------------
 
     def claim(self, worker_id: str, *, limit: int = 1,

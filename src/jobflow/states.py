@@ -276,14 +276,16 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
                 {**_lease_free(job), "run_at": now + delay,
                  "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
                  "error_message": ev.error},
-                {"error": ev.error, "retry_in_seconds": delay.total_seconds()},
+                {"error": ev.error, "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
+                 "retry_in_seconds": delay.total_seconds()},
             )
         case Event.FAIL, _:
             return (
                 {**_lease_free(job), "finished_at": now,
                  "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
                  "error_message": ev.error},
-                {"error": ev.error, "retryable": ev.retryable},
+                {"error": ev.error, "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
+                 "retryable": ev.retryable},
             )
         case Event.RESCUE, JobStatus.QUEUED:
             return (

@@ -1,0 +1,666 @@
+"""The ``jobflow`` command: run workers and operate jobs from a terminal.
+
+Built on click. Every option also reads a ``JOBFLOW_*`` environment variable,
+named in ``--help``. Errors are one line on stderr with a distinct exit code
+(see :class:`ExitCode`); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import importlib
+import mimetypes
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+
+import attrs
+import click
+import structlog
+
+from jobflow import states
+from jobflow.config import (
+    StoreSettings,
+    make_engine,
+    migrate,
+    open_flow,
+    schema_revision,
+)
+from jobflow.errors import (
+    ConfigurationError,
+    InvalidInput,
+    InvalidTransition,
+    JobflowError,
+    JobNotFound,
+    LeaseLost,
+    ObjectChanged,
+    StorageUnavailable,
+    UploadError,
+)
+from jobflow.flow import JobFlow
+from jobflow.logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging, redact
+from jobflow.models import DEFAULT_CONTENT_TYPES, Job, UploadPolicy
+from jobflow.reporting import (
+    StatusReport,
+    dumps,
+    event_as_json,
+    history_lines,
+    job_as_json,
+    job_lines,
+    reconcile_lines,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ExitCode(enum.IntEnum):
+    """What the ``jobflow`` command's exit status means."""
+
+    OK = 0
+    INTERNAL_ERROR = 1  # a bug: please report it with the --debug traceback
+    CONFIGURATION = 2  # bad usage, option, URL, handler, schema, permissions
+    JOB_NOT_FOUND = 3
+    REFUSED = 4  # invalid transition for the job's status, or lease lost
+    STORAGE_UNAVAILABLE = 5  # database or object store unreachable or failing
+    UPLOAD_PROBLEM = 6  # upload missing, rejected, expired or refused by the store
+    ALERT = 7  # `status` found more stuck uploads or failures than allowed
+
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  internal error (a bug; rerun with --debug for the traceback)
+  2  usage or configuration error (options, database URL, handler, schema,
+     storage permissions)
+  3  job not found
+  4  refused: the job's status does not allow this, or the lease was lost
+  5  storage unavailable (database or object store); safe to retry
+  6  upload missing, rejected, expired, or refused by the object store
+  7  status: more stuck uploads or failures than --max-stuck/--max-failed
+  130, 143  worker stopped at once by a second SIGINT/SIGTERM
+"""
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit status for an error that ended a command."""
+    if isinstance(exc, JobNotFound):
+        return ExitCode.JOB_NOT_FOUND
+    if isinstance(exc, InvalidTransition | LeaseLost):
+        return ExitCode.REFUSED
+    if isinstance(exc, StorageUnavailable):
+        return ExitCode.STORAGE_UNAVAILABLE
+    if isinstance(exc, UploadError | ObjectChanged):
+        return ExitCode.UPLOAD_PROBLEM
+    if isinstance(exc, ConfigurationError | InvalidInput):
+        return ExitCode.CONFIGURATION
+    return ExitCode.INTERNAL_ERROR
+
+
+@attrs.define
+class Invocation:
+    """Settings of one run of the command, shared with ``main``'s error handling."""
+
+    debug: bool = False
+
+
+def env_option(*decls: str, envvar: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option that also reads ``envvar`` and names it in ``--help``."""
+    return click.option(*decls, envvar=envvar, show_envvar=True, **kwargs)
+
+
+def _apply(options: Sequence[Callable[[F], F]], command: F) -> F:
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+seconds = click.FloatRange(min=0, min_open=True)
+
+DATABASE_OPTIONS = [
+    env_option("--database-url", envvar="JOBFLOW_DATABASE_URL", metavar="URL",
+               help="Job database: postgresql://user:password@host/db or sqlite:///path. "
+                    "Default: the SQLite file jobflow.sqlite3 in the working directory, "
+                    "created and migrated on first use."),
+]
+
+OBJECT_STORE_OPTIONS = [
+    env_option("--objects-dir", envvar="JOBFLOW_OBJECTS_DIR",
+               type=click.Path(file_okay=False, path_type=Path),
+               help="Local folder holding uploads (the default object store). "
+                    "Default: jobflow-objects/ in the working directory."),
+    env_option("--s3-bucket", envvar="JOBFLOW_S3_BUCKET",
+               help="Keep uploads in this S3 bucket instead of a local folder. Credentials "
+                    "come from the usual AWS sources (AWS_* variables, profiles, roles)."),
+    env_option("--s3-endpoint-url", envvar="JOBFLOW_S3_ENDPOINT_URL", metavar="URL",
+               help="Endpoint of an S3-compatible store. Default: AWS."),
+    env_option("--s3-region", envvar="JOBFLOW_S3_REGION", help="The bucket's region."),
+    env_option("--s3-prefix", envvar="JOBFLOW_S3_PREFIX", default="", show_default=True,
+               help="Prefix of jobflow's keys inside the bucket."),
+    env_option("--s3-upload-method", envvar="JOBFLOW_S3_UPLOAD_METHOD",
+               type=click.Choice(["PUT", "POST"], case_sensitive=False), default="PUT",
+               show_default=True,
+               help="Upload tickets as a presigned PUT URL or a presigned POST form (whose "
+                    "policy also pins the size range)."),
+]
+
+_DEFAULT_POLICY = UploadPolicy()
+POLICY_OPTIONS = [
+    env_option("--content-types", envvar="JOBFLOW_CONTENT_TYPES", metavar="TYPE,...",
+               default=",".join(sorted(DEFAULT_CONTENT_TYPES)), show_default=True,
+               help="Content types an upload may have."),
+    env_option("--min-bytes", envvar="JOBFLOW_MIN_BYTES", type=click.IntRange(min=1),
+               default=_DEFAULT_POLICY.min_bytes, show_default=True,
+               help="Smallest acceptable upload."),
+    env_option("--max-bytes", envvar="JOBFLOW_MAX_BYTES", type=click.IntRange(min=1),
+               default=_DEFAULT_POLICY.max_bytes, show_default=True,
+               help="Largest acceptable upload."),
+    env_option("--upload-ttl", envvar="JOBFLOW_UPLOAD_TTL", type=seconds,
+               default=_DEFAULT_POLICY.upload_ttl_seconds, show_default=True,
+               help="Seconds a new job waits for its upload before it expires."),
+    env_option("--max-attempts", envvar="JOBFLOW_MAX_ATTEMPTS", type=click.IntRange(min=1),
+               default=_DEFAULT_POLICY.max_attempts, show_default=True,
+               help="Attempts a new job gets."),
+    env_option("--backoff", envvar="JOBFLOW_BACKOFF", type=seconds,
+               default=_DEFAULT_POLICY.backoff_seconds, show_default=True,
+               help="Seconds before the first retry; doubled after each failed attempt."),
+    env_option("--backoff-max", envvar="JOBFLOW_BACKOFF_MAX", type=seconds,
+               default=_DEFAULT_POLICY.backoff_max_seconds, show_default=True,
+               help="Longest wait between two attempts, in seconds."),
+    env_option("--adopt-after", envvar="JOBFLOW_ADOPT_AFTER", type=click.FloatRange(min=0),
+               default=_DEFAULT_POLICY.adopt_after_seconds, show_default=True,
+               help="Seconds after which reconcile verifies an upload whose client never "
+                    "called complete."),
+    env_option("--delete-rejected-uploads/--keep-rejected-uploads",
+               envvar="JOBFLOW_DELETE_REJECTED_UPLOADS",
+               default=_DEFAULT_POLICY.delete_rejected_uploads, show_default=True,
+               help="Delete the object of a rejected or expired upload."),
+]
+
+_STORE_FIELDS = ("database_url", "objects_dir", "s3_bucket", "s3_endpoint_url", "s3_region",
+                 "s3_prefix", "s3_upload_method")
+_POLICY_FIELDS = ("content_types", "min_bytes", "max_bytes", "upload_ttl", "max_attempts",
+                  "backoff", "backoff_max", "adopt_after", "delete_rejected_uploads")
+
+
+@attrs.frozen
+class FlowOptions:
+    """The store and policy options of a command, turned into a JobFlow on demand."""
+
+    store: StoreSettings
+    policy: UploadPolicy
+
+    def open(self) -> JobFlow:
+        return open_flow(self.store, self.policy)
+
+
+def _store_settings(values: dict[str, Any]) -> StoreSettings:
+    return StoreSettings(**{name: values.pop(name) for name in _STORE_FIELDS if name in values})
+
+
+def _policy(values: dict[str, Any]) -> UploadPolicy:
+    given = {name: values.pop(name) for name in _POLICY_FIELDS}
+    content_types = frozenset(t.strip().lower() for t in given["content_types"].split(",")
+                              if t.strip())
+    return UploadPolicy(
+        allowed_content_types=content_types, min_bytes=given["min_bytes"],
+        max_bytes=given["max_bytes"], upload_ttl_seconds=given["upload_ttl"],
+        max_attempts=given["max_attempts"], backoff_seconds=given["backoff"],
+        backoff_max_seconds=given["backoff_max"], adopt_after_seconds=given["adopt_after"],
+        delete_rejected_uploads=given["delete_rejected_uploads"])
+
+
+def flow_options(command: Callable[..., int]) -> Callable[..., int]:
+    """Add the database, object store and policy options; pass them as ``options``."""
+
+    @functools.wraps(command)
+    def with_options(**values: Any) -> int:
+        options = FlowOptions(store=_store_settings(values), policy=_policy(values))
+        return command(options=options, **values)
+
+    return _apply([*DATABASE_OPTIONS, *OBJECT_STORE_OPTIONS, *POLICY_OPTIONS], with_options)
+
+
+def database_options(command: Callable[..., int]) -> Callable[..., int]:
+    """Add the database option; pass it as ``settings``."""
+
+    @functools.wraps(command)
+    def with_options(**values: Any) -> int:
+        return command(settings=_store_settings(values), **values)
+
+    return _apply(DATABASE_OPTIONS, with_options)
+
+
+json_option = env_option("--json", "as_json", envvar="JOBFLOW_JSON", is_flag=True,
+                         help="Print JSON instead of text.")
+
+
+def _print(text: str) -> None:
+    click.echo(text)
+
+
+# -- the command group --------------------------------------------------------------------
+
+
+@click.group(epilog=EXIT_CODES_HELP,
+             context_settings={"help_option_names": ["-h", "--help"],
+                               "max_content_width": 100})
+@click.version_option(package_name="jobflow", prog_name="jobflow")
+@env_option("--debug", envvar="JOBFLOW_DEBUG", is_flag=True,
+            help="Show the traceback of an error.")
+@env_option("--log-level", envvar="JOBFLOW_LOG_LEVEL", type=click.Choice(LOG_LEVELS),
+            help="Lowest level logged to stderr. Default: info (error for demo).")
+@env_option("--log-format", envvar="JOBFLOW_LOG_FORMAT", type=click.Choice(LOG_FORMATS),
+            default="auto", show_default=True,
+            help="Log lines as JSON or for a terminal; auto: JSON unless stderr is a terminal.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, log_level: str | None, log_format: str) -> None:
+    """Upload-first jobs: run workers and operate the queue.
+
+    With no options jobflow uses embedded defaults in the working directory:
+    a SQLite database (jobflow.sqlite3) and a folder of uploads
+    (jobflow-objects/). Use --database-url for PostgreSQL and --s3-bucket for S3.
+    """
+    ctx.ensure_object(Invocation).debug = debug
+    quiet_by_default = ctx.invoked_subcommand == "demo"
+    configure_logging(level=log_level or ("error" if quiet_by_default else "info"),
+                      log_format=cast(LogFormat, log_format))
+
+
+# -- worker --------------------------------------------------------------------------------
+
+
+def load_handler(spec: str) -> Callable[..., Any]:
+    """``module:function`` -> the function. The working directory is importable,
+    as with ``python -m``."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"--handler must look like module:function, got {spec!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import the handler module {module_name!r}: "
+                                 f"{exc}") from exc
+    target: Any = module
+    for name in attribute.split("."):
+        try:
+            target = getattr(target, name)
+        except AttributeError:
+            raise ConfigurationError(
+                f"module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(target):
+        raise ConfigurationError(f"handler {spec!r} is not callable")
+    handler: Callable[..., Any] = target
+    return handler
+
+
+def run_until_signalled(worker: Any) -> None:
+    """Run ``worker`` in a thread, turning SIGTERM/SIGINT into a graceful stop and a
+    second one into an immediate exit (the leases then expire and jobs are rescued).
+
+    The worker does not run in the main thread because Python runs signal handlers
+    there: the handler must never wait for a lock the interrupted code holds.
+    """
+    log = structlog.get_logger("jobflow.worker").bind(worker_id=worker.worker_id)
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            log.warning("worker.forced_exit", signal=name)
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        received.append(signum)
+        log.info("worker.signal", signal=name, grace=worker.shutdown_grace)
+        worker.stop()
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    previous = {signum: signal.signal(signum, on_signal)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=run, name="jobflow-worker")
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if failure:
+        raise failure[0]
+
+
+@cli.command()
+@env_option("--handler", envvar="JOBFLOW_HANDLER", required=True, metavar="MODULE:FUNCTION",
+            help="The function run for each job: handler(job, ctx), returning a JSON object.")
+@env_option("--concurrency", "-c", envvar="JOBFLOW_CONCURRENCY", type=click.IntRange(min=1),
+            default=1, show_default=True, help="Jobs run at once (one thread each).")
+@env_option("--lease-seconds", envvar="JOBFLOW_LEASE_SECONDS", type=seconds,
+            default=_DEFAULT_POLICY.lease_seconds, show_default=True,
+            help="How long a claim holds without a heartbeat; a dead worker's jobs are "
+                 "rescued after it.")
+@env_option("--heartbeat-interval", envvar="JOBFLOW_HEARTBEAT_INTERVAL", type=seconds,
+            help="Seconds between lease renewals. Default: a third of the lease.")
+@env_option("--poll-interval", envvar="JOBFLOW_POLL_INTERVAL", type=seconds, default=1.0,
+            show_default=True, help="Seconds an idle worker waits before looking for jobs.")
+@env_option("--listen/--no-listen", envvar="JOBFLOW_LISTEN", default=True, show_default=True,
+            help="On PostgreSQL, wake up at once on NOTIFY when a job is queued.")
+@env_option("--listen-poll-interval", envvar="JOBFLOW_LISTEN_POLL_INTERVAL", type=seconds,
+            default=10.0, show_default=True,
+            help="Poll interval while NOTIFY wake-ups work (only delayed retries need it).")
+@env_option("--reconcile-interval", envvar="JOBFLOW_RECONCILE_INTERVAL", type=seconds,
+            default=30.0, show_default=True,
+            help="Seconds between reconcile passes (expire, adopt, rescue).")
+@env_option("--shutdown-grace", envvar="JOBFLOW_SHUTDOWN_GRACE",
+            type=click.FloatRange(min=0), default=25.0, show_default=True,
+            help="On SIGTERM/SIGINT, seconds running jobs get to finish before they are "
+                 "handed back to the queue.")
+@env_option("--job-timeout", envvar="JOBFLOW_JOB_TIMEOUT", type=seconds,
+            help="Fail an attempt that runs longer than this (error code handler_timeout). "
+                 "Default: no limit.")
+@env_option("--worker-id", envvar="JOBFLOW_WORKER_ID",
+            help="Name in job histories. Default: host:pid:random.")
+@flow_options
+def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: float,
+           heartbeat_interval: float | None, poll_interval: float, listen: bool,
+           listen_poll_interval: float, reconcile_interval: float, shutdown_grace: float,
+           job_timeout: float | None, worker_id: str | None) -> int:
+    """Run a worker until SIGTERM or SIGINT.
+
+    The first signal stops claiming, lets running jobs finish within the grace
+    period, hands the rest back to the queue (no attempt spent) and exits 0.
+    A second signal exits at once.
+    """
+    from jobflow.wakeup import PollingWakeup, wakeup_for
+    from jobflow.worker import Worker
+
+    function = load_handler(handler)
+    flow = options.open()
+    running = Worker(
+        flow, function, worker_id=worker_id, concurrency=concurrency,
+        lease_seconds=lease_seconds, heartbeat_interval=heartbeat_interval,
+        poll_interval=poll_interval, listen_poll_interval=listen_poll_interval,
+        reconcile_interval=reconcile_interval, shutdown_grace=shutdown_grace,
+        job_timeout=job_timeout,
+        wakeup=wakeup_for(flow.store) if listen else PollingWakeup())
+    run_until_signalled(running)
+    return ExitCode.OK
+
+
+# -- database ------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """jobflow's database schema (its migrations ship with the package)."""
+
+
+def _engine(settings: StoreSettings) -> Engine:
+    return make_engine(settings.resolved_database_url())
+
+
+@db.command()
+@env_option("--revision", envvar="JOBFLOW_REVISION", default="head", show_default=True,
+            help="Migrate up to this revision.")
+@database_options
+def upgrade(settings: StoreSettings, revision: str) -> int:
+    """Create or update jobflow's tables."""
+    engine = _engine(settings)
+    migrate(engine, revision)
+    _print(f"database at revision {schema_revision(engine) or 'none'}")
+    return ExitCode.OK
+
+
+@db.command()
+@click.argument("revision")
+@database_options
+def downgrade(settings: StoreSettings, revision: str) -> int:
+    """Revert jobflow's migrations down to REVISION ("base" drops jobflow's tables)."""
+    engine = _engine(settings)
+    migrate(engine, revision, down=True)
+    _print(f"database at revision {schema_revision(engine) or 'none'}")
+    return ExitCode.OK
+
+
+@db.command()
+@database_options
+def current(settings: StoreSettings) -> int:
+    """Print the revision the database is at, and whether it is the newest."""
+    from jobflow import migrations
+
+    found = schema_revision(_engine(settings))
+    newest = migrations.head()
+    note = "(newest)" if found == newest else f"(newest is {newest}: run jobflow db upgrade)"
+    _print(f"{found or 'none'} {note}")
+    return ExitCode.OK
+
+
+# -- operating jobs -----------------------------------------------------------------------
+
+
+@cli.command()
+@env_option("--stuck-after", envvar="JOBFLOW_STUCK_AFTER", type=click.FloatRange(min=0),
+            default=60.0, show_default=True,
+            help="Minutes in awaiting_upload after which an upload counts as stuck.")
+@env_option("--failed-window", envvar="JOBFLOW_FAILED_WINDOW", type=seconds, default=60.0,
+            show_default=True, help="Count failures of the last this many minutes.")
+@env_option("--max-stuck", envvar="JOBFLOW_MAX_STUCK", type=click.IntRange(min=0),
+            help="Exit 7 when more uploads than this are stuck.")
+@env_option("--max-failed", envvar="JOBFLOW_MAX_FAILED", type=click.IntRange(min=0),
+            help="Exit 7 when more jobs than this failed within the window.")
+@json_option
+@flow_options
+def status(options: FlowOptions, stuck_after: float, failed_window: float,
+           max_stuck: int | None, max_failed: int | None, as_json: bool) -> int:
+    """Jobs per status, stuck uploads and recent failures; can drive an alert."""
+    report = StatusReport.collect(options.open(), stuck_after=timedelta(minutes=stuck_after),
+                                  failure_window=timedelta(minutes=failed_window))
+    alerts = report.alerts(max_stuck=max_stuck, max_failed=max_failed)
+    if as_json:
+        _print(dumps(report.as_json(alerts)))
+    else:
+        _print("\n".join(report.lines()))
+    for alert in alerts:
+        click.echo(f"jobflow: alert: {alert}", err=True)
+    return ExitCode.ALERT if alerts else ExitCode.OK
+
+
+@cli.command()
+@json_option
+@flow_options
+def reconcile(options: FlowOptions, as_json: bool) -> int:
+    """Settle waiting uploads and rescue jobs of dead workers, once.
+
+    An upload is queued only when the object store shows a valid object for it;
+    one past its deadline without a valid object fails as expired. Exits 5 when
+    the object store could not be asked about some uploads.
+    """
+    report = options.open().reconcile()
+    if as_json:
+        _print(dumps(attrs.asdict(report)))
+    else:
+        _print("\n".join(reconcile_lines(report)))
+    return ExitCode.STORAGE_UNAVAILABLE if report.unavailable else ExitCode.OK
+
+
+@cli.command()
+@click.argument("job_id")
+@json_option
+@flow_options
+def show(options: FlowOptions, job_id: str, as_json: bool) -> int:
+    """Print a job and its full history."""
+    flow = options.open()
+    job = flow.get(job_id)
+    history = flow.history(job.id)
+    if as_json:
+        _print(dumps({"job": job_as_json(job), "history": [event_as_json(e) for e in history]}))
+    else:
+        _print("\n".join([*job_lines(job), "", "history", *history_lines(history)]))
+    return ExitCode.OK
+
+
+def _print_job(job: Job, as_json: bool, before: str | None = None) -> None:
+    if as_json:
+        _print(dumps(job_as_json(job)))
+    elif before is not None:
+        _print(f"job {job.id}: {before} -> {job.status.value}")
+    else:
+        _print("\n".join(job_lines(job)))
+
+
+@cli.command()
+@click.argument("job_id")
+@json_option
+@flow_options
+def requeue(options: FlowOptions, job_id: str, as_json: bool) -> int:
+    """Put a failed job back in the queue, after verifying its object again."""
+    flow = options.open()
+    before = flow.get(job_id).status.value
+    _print_job(flow.requeue(job_id), as_json, before)
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("job_id")
+@json_option
+@flow_options
+def cancel(options: FlowOptions, job_id: str, as_json: bool) -> int:
+    """Fail a job that has not started (awaiting_upload or queued)."""
+    flow = options.open()
+    before = flow.get(job_id).status.value
+    _print_job(flow.cancel(job_id), as_json, before)
+    return ExitCode.OK
+
+
+def _params(pairs: Sequence[str]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--param")
+        params[key] = value
+    return params
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@env_option("--content-type", envvar="JOBFLOW_UPLOAD_CONTENT_TYPE",
+            help="Declared content type. Default: guessed from the file name.")
+@env_option("--owner", envvar="JOBFLOW_OWNER", default="jobflow-cli", show_default=True,
+            help="Owner id of the job.")
+@env_option("--param", "params", envvar="JOBFLOW_PARAMS", multiple=True, metavar="KEY=VALUE",
+            help="A job parameter (repeatable; the variable holds space-separated pairs).")
+@env_option("--checksum/--no-checksum", envvar="JOBFLOW_UPLOAD_CHECKSUM", default=False,
+            show_default=True,
+            help="Declare the file's SHA-256, so the store refuses different bytes.")
+@json_option
+@flow_options
+def upload(options: FlowOptions, file: Path, content_type: str | None, owner: str,
+           params: Sequence[str], checksum: bool, as_json: bool) -> int:
+    """Upload FILE as a client would and print the resulting job.
+
+    Creates a job, sends the file through its upload ticket (a real HTTP request
+    for S3), then completes the upload: an end-to-end check of a deployment.
+    """
+    import hashlib
+
+    from jobflow.upload_client import UploadRefused, send_file
+
+    declared = content_type or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    sha256 = None
+    if checksum:
+        digest = hashlib.sha256()
+        with file.open("rb") as stream:
+            while chunk := stream.read(1024 * 1024):
+                digest.update(chunk)
+        sha256 = digest.hexdigest()
+    flow = options.open()
+    ticket = flow.initiate_upload(owner, _params(params), content_type=declared, sha256=sha256)
+    try:
+        send_file(ticket, file)
+    except UploadRefused:
+        # Leave no job waiting for an upload that will never come.
+        with contextlib.suppress(JobflowError):
+            flow.cancel(ticket.job_id)
+        raise
+    _print_job(flow.complete_upload(ticket.job_id), as_json)
+    return ExitCode.OK
+
+
+@cli.command()
+def diagram() -> int:
+    """Print the job state machine as a Mermaid diagram, derived from the code."""
+    click.echo(states.mermaid(), nl=False)
+    return ExitCode.OK
+
+
+@cli.command()
+@env_option("--dir", "directory", envvar="JOBFLOW_DEMO_DIR",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Folder to run in. Default: a new temporary folder.")
+def demo(directory: Path | None) -> int:
+    """Show jobflow at work in seconds, with no server: uploads that succeed, one
+    never uploaded, one rejected, one forgotten, a worker and reconcile."""
+    from jobflow.demo import run_demo
+
+    run_demo(directory, sys.stdout)
+    return ExitCode.OK
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return redact(text)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The console script: run the command, turn errors into one line and an exit code."""
+    invocation = Invocation(debug=os.environ.get("JOBFLOW_DEBUG", "").lower()
+                            in ("1", "true", "yes", "on"))
+    code: int
+    try:
+        result = cli.main(args=list(argv) if argv is not None else None, prog_name="jobflow",
+                          standalone_mode=False, obj=invocation)
+        code = result if isinstance(result, int) else ExitCode.OK
+    except click.ClickException as exc:
+        exc.show()
+        code = ExitCode.CONFIGURATION if exc.exit_code == 2 else exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("jobflow: aborted", err=True)
+        code = 130
+    except KeyboardInterrupt:
+        code = 130
+    except JobflowError as exc:
+        if invocation.debug:
+            traceback.print_exc()
+        click.echo(f"jobflow: error: {_one_line(exc)}", err=True)
+        code = exit_code_for(exc)
+    except Exception as exc:
+        if invocation.debug:
+            traceback.print_exc()
+        click.echo(f"jobflow: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                   "(rerun with --debug for the traceback)", err=True)
+        code = ExitCode.INTERNAL_ERROR
+    sys.stdout.flush()
+    sys.exit(int(code))

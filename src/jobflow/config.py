@@ -1,0 +1,169 @@
+"""Building a :class:`~jobflow.JobFlow` from the ``jobflow`` command's settings.
+
+The embedded defaults need no server: a SQLite file (``jobflow.sqlite3``) and
+a local object folder (``jobflow-objects/``) in the working directory, the
+SQLite schema migrated on first use. A PostgreSQL URL selects PostgreSQL
+(migrated explicitly with ``jobflow db upgrade``); an S3 bucket selects S3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from jobflow.errors import ConfigurationError, JobflowError, StorageUnavailable
+from jobflow.flow import JobFlow
+from jobflow.models import UploadPolicy
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
+    from jobflow.ports import ObjectStore
+
+DEFAULT_DATABASE_FILE = "jobflow.sqlite3"
+DEFAULT_OBJECTS_DIR = "jobflow-objects"
+
+# Spellings of PostgreSQL URLs that mean "use psycopg 3", jobflow's driver.
+_POSTGRES_SCHEMES = ("postgres://", "postgresql://")
+
+
+@attrs.frozen
+class StoreSettings:
+    """Where jobs and objects live. None/empty values mean the embedded defaults."""
+
+    database_url: str | None = None
+    objects_dir: Path | None = None
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_prefix: str = ""
+    s3_upload_method: str = "PUT"
+    workdir: Path = attrs.field(factory=Path.cwd)
+
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL to use, psycopg 3 made explicit for PostgreSQL."""
+        if not self.database_url:
+            return f"sqlite:///{self.workdir / DEFAULT_DATABASE_FILE}"
+        url = self.database_url
+        for scheme in _POSTGRES_SCHEMES:
+            if url.startswith(scheme):
+                return "postgresql+psycopg://" + url[len(scheme):]
+        return url
+
+    def resolved_objects_dir(self) -> Path:
+        return self.objects_dir or self.workdir / DEFAULT_OBJECTS_DIR
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.s3_bucket)
+
+
+def make_engine(url: str) -> Engine:
+    """A SQLAlchemy engine for ``url``; a bad URL or a missing driver is a
+    :class:`ConfigurationError`. Nothing connects yet."""
+    try:
+        parsed = sa.make_url(url)
+    except sa_exc.ArgumentError as exc:
+        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+    if parsed.get_backend_name() not in ("postgresql", "sqlite"):
+        raise ConfigurationError(
+            f"unsupported database {parsed.get_backend_name()!r}: use a postgresql:// URL or "
+            "a sqlite:/// file")
+    try:
+        return sa.create_engine(parsed)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the database driver is not installed ({exc}); for PostgreSQL install "
+            "jobflow[postgres]") from exc
+    except sa_exc.ArgumentError as exc:
+        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+
+
+def _driver_failure(action: str, exc: Exception) -> JobflowError:
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    if isinstance(exc, sa_exc.ProgrammingError):
+        return ConfigurationError(f"cannot {action}: {detail}")
+    return StorageUnavailable(f"cannot {action}: {detail}")
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The jobflow migration the database is at (None before the first)."""
+    from jobflow import migrations
+
+    try:
+        return migrations.current(engine)
+    except (sa_exc.DBAPIError, sa_exc.OperationalError) as exc:
+        raise _driver_failure("read the database's schema version", exc) from exc
+
+
+def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> None:
+    """Run jobflow's migrations, translating driver errors."""
+    from jobflow import migrations
+
+    try:
+        if down:
+            migrations.downgrade(engine, revision)
+        else:
+            migrations.upgrade(engine, revision)
+    except sa_exc.DBAPIError as exc:
+        raise _driver_failure("migrate the database", exc) from exc
+
+
+def ensure_schema(engine: Engine) -> None:
+    """SQLite: migrate to the newest schema on first use. PostgreSQL: refuse to
+    run on a schema that is not the newest (``jobflow db upgrade`` fixes it)."""
+    from jobflow import migrations
+
+    newest = migrations.head()
+    found = schema_revision(engine)
+    if found == newest:
+        return
+    if engine.dialect.name == "sqlite":
+        try:
+            migrate(engine)
+        except JobflowError:
+            # Another process may have migrated the same file a moment ago.
+            if schema_revision(engine) != newest:
+                raise
+        return
+    raise ConfigurationError(
+        f"the database schema is at revision {found or 'none'}, this jobflow needs {newest}: "
+        "run `jobflow db upgrade`")
+
+
+def open_job_store(settings: StoreSettings) -> SqlAlchemyJobStore:
+    from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
+
+    engine = make_engine(settings.resolved_database_url())
+    ensure_schema(engine)
+    return SqlAlchemyJobStore(engine)
+
+
+def open_object_store(settings: StoreSettings) -> ObjectStore:
+    if settings.uses_s3:
+        from jobflow.adapters.s3 import S3ObjectStore
+
+        assert settings.s3_bucket is not None
+        method = settings.s3_upload_method.upper()
+        if method not in ("PUT", "POST"):
+            raise ConfigurationError(f"the S3 upload method must be PUT or POST, got {method!r}")
+        return S3ObjectStore(bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
+                             region=settings.s3_region, prefix=settings.s3_prefix,
+                             upload_method="POST" if method == "POST" else "PUT")
+    from jobflow.adapters.localfs import LocalObjectStore
+
+    return LocalObjectStore(settings.resolved_objects_dir())
+
+
+def open_flow(settings: StoreSettings, policy: UploadPolicy,
+              clock: Callable[[], datetime] | None = None) -> JobFlow:
+    """The JobFlow the settings describe, its schema checked (or, on SQLite, created)."""
+    return JobFlow(store=open_job_store(settings), objects=open_object_store(settings),
+                   policy=policy, clock=clock)
