@@ -3,19 +3,24 @@ so each runs against every JobStore adapter listed in ``STORE_KINDS``."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import structlog
 from hypothesis import HealthCheck, settings
+from moto.server import ThreadedMotoServer
 
 import jobflow.migrations
 from jobflow.adapters.memory import InMemoryJobStore
 from jobflow.ports import JobStore
 from tests.pgcluster import DatabaseServer, PostgresCluster, PostgresUnavailable
 from tests.sqlstores import PostgresStores, SQLiteStores, empty_tables, migrated_sqlite_file
+from tests.strategies import START
 
 # Read before any test runs: the autouse fixture below hides JOBFLOW_* from tests.
 #: An already running PostgreSQL server to test against (a URL whose user may
@@ -36,6 +41,24 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 StoreFactory = Callable[[], JobStore]
+
+#: A logger for flows whose transitions a test does not look at.
+QUIET_LOGGER: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
+    structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+class ManualClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self, now: datetime = START) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
 
 STORE_KINDS = ["memory", "sqlite", "postgres"]
 
@@ -120,3 +143,15 @@ def pg_engine(pg_session_engine: sa.Engine) -> sa.Engine:
 def pg_url(pg_server: DatabaseServer) -> sa.URL:
     """A new, empty PostgreSQL database (no jobflow tables yet)."""
     return pg_server.create_database()
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """moto's real HTTP server on a free port of 127.0.0.1, one per test module."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

@@ -9,14 +9,12 @@ chooses how concurrent callers interleave.
 from __future__ import annotations
 
 import itertools
-import logging
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-import structlog
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -41,9 +39,8 @@ from jobflow.errors import (
 from jobflow.models import Change
 from jobflow.ports import JobStore
 from tests import strategies as S
+from tests.conftest import QUIET_LOGGER
 
-QUIET = structlog.wrap_logger(
-    structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 VERIFYING = {Event.VERIFY_UPLOAD, Event.REQUEUE}
 LEASE_EVENTS = {Event.HEARTBEAT, Event.SUCCEED, Event.RETRY, Event.FAIL, Event.RELEASE}
 
@@ -61,7 +58,7 @@ class JobFlowMachine(RuleBasedStateMachine):
         self.store = type(self).make_store()
         self.objects = InMemoryObjectStore()
         self.flow = JobFlow(store=self.store, objects=self.objects, clock=lambda: self.now,
-                            policy=S.POLICY, logger=QUIET, new_job_id=S.job_ids())
+                            policy=S.POLICY, logger=QUIET_LOGGER, new_job_id=S.job_ids())
         self.job_ids: list[str] = []
         self.declared: dict[str, bool] = {}
         self.owner: dict[str, str] = {}

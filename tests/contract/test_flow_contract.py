@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
@@ -27,41 +25,8 @@ from jobflow.errors import (
     UploadRejected,
 )
 from jobflow.ports import JobStore, ObjectStore
-from tests.conftest import StoreFactory
+from tests.conftest import ManualClock
 from tests.strategies import POLICY, START
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def objects() -> InMemoryObjectStore:
-    return InMemoryObjectStore(bucket="videos")
-
-
-@pytest.fixture
-def store(make_store: StoreFactory) -> Iterator[JobStore]:
-    yield make_store()
-
-
-@pytest.fixture
-def flow(store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> JobFlow:
-    quiet = structlog.wrap_logger(structlog.PrintLogger(),
-                                  wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    return JobFlow(store=store, objects=objects, clock=clock, policy=POLICY, logger=quiet)
 
 
 def queued_job(flow: JobFlow, objects: InMemoryObjectStore, owner: str = "alice") -> str:
@@ -139,7 +104,7 @@ def test_invalid_upload_fails_the_job_and_says_why(
 
 
 def test_complete_after_the_deadline_without_object_expires(
-        flow: JobFlow, clock: Clock) -> None:
+        flow: JobFlow, clock: ManualClock) -> None:
     ticket = flow.initiate_upload("alice", content_type="video/mp4")
     clock.advance(POLICY.upload_ttl_seconds)
     with pytest.raises(UploadExpired):
@@ -219,7 +184,7 @@ def test_wrong_state_events_are_refused_with_context(
 
 
 def test_a_rescued_worker_cannot_touch_the_job(
-        flow: JobFlow, objects: InMemoryObjectStore, clock: Clock) -> None:
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     job_id = queued_job(flow, objects)
     [zombie] = flow.claim("w1", lease_seconds=10)
     clock.advance(11)
@@ -236,7 +201,7 @@ def test_a_rescued_worker_cannot_touch_the_job(
 
 
 def test_retry_backs_off_then_fails_when_attempts_run_out(
-        flow: JobFlow, objects: InMemoryObjectStore, clock: Clock) -> None:
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     job_id = queued_job(flow, objects)
     for attempt in range(1, POLICY.max_attempts + 1):
         [claim] = flow.claim("w1")
@@ -270,7 +235,7 @@ def test_requeue_refuses_when_the_object_is_gone(
 
 
 def test_reconcile_adopts_expires_and_leaves_fresh_uploads_alone(
-        flow: JobFlow, objects: InMemoryObjectStore, clock: Clock) -> None:
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     forgotten = flow.initiate_upload("alice", content_type="video/mp4")
     objects.put(forgotten.key, b"abc", content_type="video/mp4")
     never = flow.initiate_upload("alice", content_type="video/mp4")
@@ -284,7 +249,7 @@ def test_reconcile_adopts_expires_and_leaves_fresh_uploads_alone(
 
 
 def test_reconcile_never_queues_without_the_store_showing_the_object(
-        flow: JobFlow, objects: InMemoryObjectStore, clock: Clock) -> None:
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     ticket = flow.initiate_upload("alice", content_type="video/mp4")
     objects.put(ticket.key, b"abc", content_type="video/mp4")
     clock.advance(POLICY.adopt_after_seconds)
@@ -306,7 +271,7 @@ def test_bad_claim_and_clock_arguments(flow: JobFlow, store: JobStore,
 
 
 def test_each_transition_logs_one_line_with_its_context(
-        store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> None:
+        store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     flow = JobFlow(store=store, objects=objects, clock=clock, policy=POLICY)
     with structlog.testing.capture_logs() as logs:
         job_id = queued_job(flow, objects)

@@ -4,13 +4,10 @@ state machine's claim edge, and the reconcile queries keep their order."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import attrs
 import pytest
-import structlog
 
 from jobflow import Event, Job, JobFlow, JobStatus
 from jobflow import states as core
@@ -18,44 +15,10 @@ from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.errors import InvalidInput, JobNotFound
 from jobflow.models import Change
 from jobflow.ports import JobStore
-from tests.conftest import StoreFactory
+from tests.conftest import QUIET_LOGGER, ManualClock
 from tests.strategies import POLICY, START
 
-QUIET = structlog.wrap_logger(
-    structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> datetime:
-        self.now += timedelta(seconds=seconds)
-        return self.now
-
-
-@pytest.fixture
-def store(make_store: StoreFactory) -> Iterator[JobStore]:
-    yield make_store()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def objects() -> InMemoryObjectStore:
-    return InMemoryObjectStore(bucket="videos")
-
-
-@pytest.fixture
-def flow(store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> JobFlow:
-    return JobFlow(store=store, objects=objects, clock=clock, policy=POLICY, logger=QUIET)
 
 
 def queued(flow: JobFlow, objects: InMemoryObjectStore, **params: object) -> Job:
@@ -88,7 +51,7 @@ def test_what_is_written_is_what_is_read(flow: JobFlow, store: JobStore,
 def test_any_utc_timezone_object_reads_back_as_the_same_instant(
         store: JobStore, objects: InMemoryObjectStore) -> None:
     other_utc = timezone(timedelta(0), "Z")
-    flow = JobFlow(store=store, objects=objects, policy=POLICY, logger=QUIET,
+    flow = JobFlow(store=store, objects=objects, policy=POLICY, logger=QUIET_LOGGER,
                    clock=lambda: datetime(2030, 5, 6, 7, 8, 9, 123456, tzinfo=other_utc))
     ticket = flow.initiate_upload("alice", content_type="video/mp4")
     assert store.get(ticket.job_id).created_at == datetime(2030, 5, 6, 7, 8, 9, 123456,
@@ -96,7 +59,7 @@ def test_any_utc_timezone_object_reads_back_as_the_same_instant(
 
 
 def test_claim_writes_exactly_what_the_state_machine_decides(
-        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> None:
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     before = queued(flow, objects)
     now = clock.advance(5)
     [claim] = store.claim(worker_id="w1", limit=3, now=now, lease_seconds=42)
@@ -108,7 +71,7 @@ def test_claim_writes_exactly_what_the_state_machine_decides(
 
 
 def test_claims_take_due_verified_jobs_oldest_first_then_by_id(
-        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> None:
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     flow.initiate_upload("alice", content_type="video/mp4")  # never verified
     same_moment = sorted(queued(flow, objects).id for _ in range(3))
     clock.advance(10)
@@ -124,7 +87,7 @@ def test_claims_take_due_verified_jobs_oldest_first_then_by_id(
 
 
 def test_compare_and_set_loses_against_a_changed_job(
-        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> None:
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     job = queued(flow, objects)
     cancel = core.apply(job, Event.CANCEL, core.Evidence(now=clock.now, policy=POLICY))
     [claim] = flow.claim("w1")  # another writer moves the job first
@@ -139,7 +102,7 @@ def test_compare_and_set_loses_against_a_changed_job(
 
 
 def test_create_refuses_a_job_id_that_exists(flow: JobFlow, store: JobStore,
-                                            clock: Clock) -> None:
+                                            clock: ManualClock) -> None:
     ticket = flow.initiate_upload("alice", content_type="video/mp4")
     again = core.new_job(job_id=ticket.job_id, owner_id="bob", params={}, bucket="videos",
                          key=ticket.key, content_type="video/mp4", expected_sha256=None,
@@ -150,7 +113,7 @@ def test_create_refuses_a_job_id_that_exists(flow: JobFlow, store: JobStore,
     assert len(store.history(ticket.job_id)) == 1
 
 
-def test_unknown_jobs_are_not_found(store: JobStore, clock: Clock) -> None:
+def test_unknown_jobs_are_not_found(store: JobStore, clock: ManualClock) -> None:
     with pytest.raises(JobNotFound):
         store.get(UNKNOWN)
     with pytest.raises(JobNotFound):
@@ -164,7 +127,7 @@ def test_unknown_jobs_are_not_found(store: JobStore, clock: Clock) -> None:
 
 
 def test_reconcile_queries_keep_their_order_and_limit(
-        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: Clock) -> None:
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     waiting = [flow.initiate_upload("alice", content_type="video/mp4").job_id]
     clock.advance(1)
     waiting += sorted(flow.initiate_upload("alice", content_type="video/mp4").job_id

@@ -3,21 +3,12 @@ uploads stuck in ``awaiting_upload``."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from jobflow import JobFlow, JobStatus, UploadPolicy
 from jobflow.adapters.memory import InMemoryObjectStore
-from tests.conftest import StoreFactory
-
-START = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.conftest import ManualClock, StoreFactory
+from tests.strategies import START
 
 
 def test_recent_failures_are_failed_jobs_finished_in_the_window_newest_first(

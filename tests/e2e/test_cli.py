@@ -14,7 +14,6 @@ from pathlib import Path
 import boto3
 import click
 import pytest
-from moto.server import ThreadedMotoServer
 
 from jobflow import JobStatus, UploadPolicy
 from jobflow.cli import cli
@@ -225,17 +224,6 @@ def test_demo_runs_in_an_empty_folder(sqlite_deployment: Deployment, tmp_path: P
 
 
 # -- S3 over real HTTP (moto's server) -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def _free_port() -> int:

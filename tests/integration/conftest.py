@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from jobflow import JobFlow
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
+from tests.conftest import QUIET_LOGGER
 from tests.strategies import POLICY
 
 SQL_KINDS = [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
 
-QUIET = structlog.wrap_logger(
-    structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 
 
 @pytest.fixture(params=SQL_KINDS)
@@ -55,7 +52,7 @@ def objects() -> InMemoryObjectStore:
 
 
 def flow_on(store: SqlAlchemyJobStore, objects: InMemoryObjectStore) -> JobFlow:
-    return JobFlow(store=store, objects=objects, policy=POLICY, logger=QUIET)
+    return JobFlow(store=store, objects=objects, policy=POLICY, logger=QUIET_LOGGER)
 
 
 @pytest.fixture

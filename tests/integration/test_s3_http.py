@@ -25,7 +25,6 @@ import pytest
 import requests
 from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
-from moto.server import ThreadedMotoServer
 from structlog.testing import capture_logs
 
 from jobflow import JobFlow, JobStatus, UploadPolicy, UploadTicket
@@ -52,18 +51,6 @@ METHODS: list[UploadMethod] = ["PUT", "POST"]
 
 
 # -- the server and the stores ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """moto's real HTTP server, on a free port of 127.0.0.1, for this module."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
