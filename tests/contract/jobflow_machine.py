@@ -77,30 +77,20 @@ class JobFlowMachine(RuleBasedStateMachine):
 
     @rule(target=jobs, owner=S.owners, params=S.params, declare=st.booleans())
     def initiate(self, owner: str, params: dict[str, Any], declare: bool) -> str:
-        # The checksum must be declared at initiate, before the id is known, so
-        # "declared" jobs declare the hash of a fixed payload and upload that.
-        ticket = self.flow.initiate_upload(owner, params, content_type="video/mp4")
+        # A checksum is declared before the job id exists, so a declaring job
+        # declares its owner's fixed payload, which its "valid" upload sends.
+        ticket = self.flow.initiate_upload(
+            owner, params, content_type="video/mp4",
+            sha256=S.payload_sha256(owner) if declare else None)
         job = self.flow.get(ticket.job_id)
         assert job.status is JobStatus.AWAITING_UPLOAD
         assert ticket.key == job.key and ticket.job_id in job.key
         assert job.params == params and job.owner_id == owner
         self.job_ids.append(job.id)
-        self.declared[job.id] = False
+        self.declared[job.id] = declare
         self.owner[job.id] = owner
         self.upload[job.id] = None
         return job.id
-
-    @rule(target=jobs, owner=S.owners)
-    def initiate_with_checksum(self, owner: str) -> str:
-        # The job id is unknown before initiate; the declared bytes are the
-        # owner's fixed payload, uploaded under the "valid" kind below.
-        ticket = self.flow.initiate_upload(owner, content_type="video/mp4",
-                                           sha256=S.payload_sha256(owner))
-        self.job_ids.append(ticket.job_id)
-        self.declared[ticket.job_id] = True
-        self.owner[ticket.job_id] = owner
-        self.upload[ticket.job_id] = None
-        return ticket.job_id
 
     @rule(target=jobs, owner=S.owners)
     def initiate_upload_complete(self, owner: str) -> str:
