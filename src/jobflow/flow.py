@@ -120,11 +120,17 @@ class JobFlow:
         return job
 
     def _transition(self, job_id: str, decide: Callable[[Job], Change],
-                    owner_id: str | None = None) -> Job:
-        """Decide on a fresh snapshot and compare-and-set, re-deciding on a lost race."""
+                    owner_id: str | None = None, *, snapshot: Job | None = None) -> Job:
+        """Decide and compare-and-set, re-deciding on a fresh read after a lost race.
+
+        ``snapshot`` is a copy the caller already holds (a worker's claim): the
+        first round decides on it without reading, and the compare-and-set
+        checks that it still describes the job.
+        """
         for _ in range(_MAX_ROUNDS):
-            change = decide(self.get(job_id, owner_id=owner_id))
-            written = self.store.commit(change)
+            job = snapshot if snapshot is not None else self.get(job_id, owner_id=owner_id)
+            snapshot = None
+            written = self.store.commit(change := decide(job))
             if written is not None:
                 return self._logged(change, written)
         raise StorageUnavailable(f"job {job_id} kept changing under {_MAX_ROUNDS} attempts")
@@ -255,36 +261,39 @@ class JobFlow:
             self._log_transition(Event.CLAIM, claim.job, JobStatus.QUEUED, worker_id)
         return claims
 
-    def _leased(self, claim: Claim, event: Event, **evidence: Any) -> Job:
+    def _leased(self, claim: Claim, decide: Callable[[Job, states.Evidence], Change],
+                **evidence: Any) -> Job:
+        """A lease holder's write. While its token is current only the holder
+        changes the job, so the first round decides on the claim's own copy."""
         job = claim.job
-        return self._transition(job.id, lambda current: states.apply(
-            current, event, self._evidence(token=claim.token, worker_id=job.lease_owner,
-                                           **evidence)))
+        return self._transition(job.id, lambda current: decide(current, self._evidence(
+            token=claim.token, worker_id=job.lease_owner, **evidence)), snapshot=job)
+
+    @staticmethod
+    def _event(event: Event) -> Callable[[Job, states.Evidence], Change]:
+        return lambda job, evidence: states.apply(job, event, evidence)
 
     def heartbeat(self, claim: Claim, *, lease_seconds: float | None = None,
                   detail: JSONDict | None = None) -> Claim:
         """Extend the lease; :class:`LeaseLost` if it is no longer ours."""
-        job = self._leased(claim, Event.HEARTBEAT, lease_seconds=lease_seconds,
+        job = self._leased(claim, self._event(Event.HEARTBEAT), lease_seconds=lease_seconds,
                            detail=json_object(detail, "detail"))
         return Claim(job=job, token=claim.token)
 
     def succeed(self, claim: Claim, result: JSONDict | None = None) -> Job:
         """Finish the job as ``done`` with a JSON ``result``."""
-        return self._leased(claim, Event.SUCCEED, result=json_object(result, "result"))
+        return self._leased(claim, self._event(Event.SUCCEED), result=json_object(result, "result"))
 
     def fail(self, claim: Claim, error: str, *, retryable: bool = True,
              retry_in: timedelta | None = None, error_code: str | None = None) -> Job:
         """Record a handler error: retry with backoff while attempts remain, else fail."""
-        job = claim.job
-        return self._transition(job.id, lambda current: states.finish_with_error(
-            current, self._evidence(token=claim.token, worker_id=job.lease_owner,
-                                    error=str(error).replace("\x00", "\\0"),
-                                    retryable=retryable,
-                                    retry_delay=retry_in, error_code=error_code)))
+        return self._leased(claim, states.finish_with_error,
+                            error=str(error).replace("\x00", "\\0"), retryable=retryable,
+                            retry_delay=retry_in, error_code=error_code)
 
     def release(self, claim: Claim, *, reason: str = "worker shutting down") -> Job:
         """Hand an unfinished job back to ``queued`` without spending an attempt."""
-        return self._leased(claim, Event.RELEASE, error=reason)
+        return self._leased(claim, self._event(Event.RELEASE), error=reason)
 
     # -- housekeeping ---------------------------------------------------------------
 
