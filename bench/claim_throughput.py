@@ -247,6 +247,7 @@ class CallCosts:
     jobflow_claim: float  # per JobFlow.claim call
     raw_claim: float  # per raw claim statement
     jobflow_succeed: float  # per JobFlow.succeed call (one job)
+    jobflow_succeed_many: float  # per job, when one JobFlow.succeed_many finishes the batch
     raw_finish_each: float  # per raw finish statement of one job
     raw_finish_batched: float  # per job, when one statement finishes the whole batch
 
@@ -275,6 +276,13 @@ def call_costs(server: PostgresServer, plan: Plan) -> list[CallCosts]:
             for claim in claims:
                 _timed(succeed_ms, flow.succeed, claim)
         claim_ms.pop()  # the last claim found nothing
+        succeed_many_ms: list[float] = []
+        jobflow_seed.reset(conninfo)
+        _seed_jobflow(conninfo, jobs)
+        while claims := flow.claim("cost", limit=batch):
+            whole_batch: list[float] = []
+            _timed(whole_batch, flow.succeed_many, [(claim, None) for claim in claims])
+            succeed_many_ms.append(whole_batch[0] / len(claims))
         raw_claim_ms: list[float] = []
         each_ms: list[float] = []
         batched_ms: list[float] = []
@@ -292,17 +300,20 @@ def call_costs(server: PostgresServer, plan: Plan) -> list[CallCosts]:
                         batched_ms.append(whole[0] / len(held))
                 raw_claim_ms.pop()  # the last claim found nothing
         costs.append(CallCosts(batch, median(claim_ms), median(raw_claim_ms),
-                               median(succeed_ms), median(each_ms), median(batched_ms)))
+                               median(succeed_ms), median(succeed_many_ms), median(each_ms),
+                               median(batched_ms)))
     flow.store.engine.dispose()  # type: ignore[attr-defined]
     return costs
 
 
 def call_costs_table(costs: list[CallCosts]) -> str:
     rows = [[str(c.batch), f"{c.jobflow_claim:.2f}", f"{c.raw_claim:.2f}",
-             f"{c.jobflow_succeed:.2f}", f"{c.raw_finish_each:.2f}",
+             f"{c.jobflow_succeed:.2f}", f"{c.jobflow_succeed_many:.3f}",
+             f"{c.raw_finish_each:.2f}",
              f"{c.raw_finish_batched:.3f}"] for c in costs]
     return markdown_table(["batch", "jobflow claim, ms/call", "raw claim, ms/call",
-                           "jobflow succeed, ms/job", "raw finish one, ms/job",
+                           "jobflow succeed, ms/job", "jobflow succeed_many, ms/job",
+                           "raw finish one, ms/job",
                            "raw finish batched, ms/job"], rows)
 
 

@@ -11,8 +11,8 @@ Two variants:
 
 * ``finish="batch"``: the whole claimed batch is finished by one statement,
   the ceiling for a store that batches its finishing writes;
-* ``finish="each"``: one finishing statement per job, as jobflow's public
-  API (``JobFlow.succeed``) does today.
+* ``finish="each"``: one finishing statement per job, as jobflow's
+  ``JobFlow.succeed`` does (``JobFlow.succeed_many`` finishes a batch in one).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """jobflow's side of the benchmarks, through its public API only.
 
-``JobFlow.claim(worker_id, limit=batch)`` and ``JobFlow.succeed(claim)`` on a
+``JobFlow.claim(worker_id, limit=batch)`` and ``JobFlow.succeed_many`` for the
+claimed batch (one finishing statement per batch) on a
 :class:`~jobflow.adapters.sqlalchemy.SqlAlchemyJobStore`, and a
 :class:`~jobflow.worker.Worker` for the wake-up figures. Log lines below
 WARNING are dropped, as the peers' are (their loggers are not configured).
@@ -56,7 +57,7 @@ def claim_statements(flow: JobFlow) -> list[tuple[str, Any]]:
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
-    """One worker process: claim ``batch`` jobs, succeed each, until none is left."""
+    """One worker process: claim ``batch`` jobs, finish them in one write, until none is left."""
     quiet_logging()
     flow = make_flow(settings["sqlalchemy_url"])
     flow.counts()  # connect before the clock starts
@@ -64,8 +65,7 @@ def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
     worker_id = f"bench-{settings['worker_index']}"
     wait_for_start()
     while claims := flow.claim(worker_id, limit=batch):
-        for claim in claims:
-            flow.succeed(claim)
+        flow.succeed_many([(claim, None) for claim in claims])
 
 
 # -- wake-up latency ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +23,7 @@ from jobflow.errors import (
     InvalidTransition,
     JobflowError,
     JobNotFound,
+    LeaseLost,
     StorageUnavailable,
     UploadExpired,
     UploadMissing,
@@ -283,6 +284,48 @@ class JobFlow:
     def succeed(self, claim: Claim, result: JSONDict | None = None) -> Job:
         """Finish the job as ``done`` with a JSON ``result``."""
         return self._leased(claim, self._event(Event.SUCCEED), result=json_object(result, "result"))
+
+    def succeed_many(self, finished: Sequence[tuple[Claim, JSONDict | None]]
+                     ) -> list[Job | LeaseLost]:
+        """Finish a batch of claimed jobs as ``done``, each with its JSON result,
+        in one store transaction (one statement on PostgreSQL).
+
+        ``finished`` holds ``(claim, result)`` pairs for distinct jobs. Item
+        ``i`` of the answer is what :meth:`succeed` would have returned for
+        pair ``i`` (the ``done`` job) or, instead of raising it, the
+        :class:`LeaseLost` for a claim whose lease is no longer held: that job
+        was left unchanged. A result that is not a JSON object, or a job given
+        twice, raises :class:`InvalidInput` before anything is written; the
+        batch's write itself is all or nothing (:class:`StorageUnavailable`
+        when the store is down).
+        """
+        pairs = [(claim, json_object(result, "result")) for claim, result in finished]
+        job_ids = [claim.job.id for claim, _ in pairs]
+        if len(set(job_ids)) != len(job_ids):
+            raise InvalidInput("succeed_many takes each job at most once")
+
+        def decide(claim: Claim, result: JSONDict) -> Callable[[Job], Change]:
+            return lambda job: states.apply(job, Event.SUCCEED, self._evidence(
+                token=claim.token, worker_id=claim.job.lease_owner, result=result))
+
+        outcomes: dict[int, Job | LeaseLost] = {}
+        decided: list[tuple[int, Change]] = []
+        for index, (claim, result) in enumerate(pairs):
+            try:  # on the claim's own copy, as _leased does
+                decided.append((index, decide(claim, result)(claim.job)))
+            except LeaseLost as lost:
+                outcomes[index] = lost
+        written = self.store.commit_many([change for _, change in decided]) if decided else []
+        for (index, change), job in zip(decided, written, strict=True):
+            if job is not None:
+                outcomes[index] = self._logged(change, job)
+                continue
+            claim, result = pairs[index]
+            try:  # lost the race: decide again on a fresh read, as succeed does
+                outcomes[index] = self._transition(claim.job.id, decide(claim, result))
+            except LeaseLost as lost:
+                outcomes[index] = lost
+        return [outcomes[index] for index in range(len(pairs))]
 
     def fail(self, claim: Claim, error: str, *, retryable: bool = True,
              retry_in: timedelta | None = None, error_code: str | None = None) -> Job:

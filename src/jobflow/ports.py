@@ -48,6 +48,17 @@ class JobStore(Protocol):
         """
         ...
 
+    def commit_many(self, changes: Sequence[Change]) -> list[Job | None]:
+        """:meth:`commit` for a batch of changes to distinct jobs, in one transaction.
+
+        Each change is its own compare-and-set on ``before.status`` and
+        ``before.lease_token`` with its own history row: result ``i`` is the
+        job written for ``changes[i]``, or None when that change lost (and
+        wrote nothing). One change losing never stops the others. Changes to
+        the same job twice raise :class:`~jobflow.errors.InvalidInput`.
+        """
+        ...
+
     def claim(self, *, worker_id: str, limit: int, now: datetime,
               lease_seconds: float) -> list[Claim]:
         """Atomically move up to ``limit`` claimable jobs to ``quick_running``.

@@ -246,6 +246,25 @@ class JobFlowMachine(RuleBasedStateMachine):
         if job is not None:
             assert job.status is JobStatus.DONE and job.result == (result or {})
 
+    @rule(batch=st.lists(claims, min_size=1, max_size=4, unique_by=lambda c: c.job.id))
+    def succeed_batch(self, batch: list[Claim]) -> None:
+        """Finish several claims in one write: exactly those whose token is current win."""
+        before = {claim.job.id: self.flow.get(claim.job.id) for claim in batch}
+        outcomes = self.flow.succeed_many(
+            [(claim, {"item": index}) for index, claim in enumerate(batch)])
+        assert len(outcomes) == len(batch)
+        for index, (claim, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+            job = before[claim.job.id]
+            if job.status is JobStatus.QUICK_RUNNING and job.lease_token == claim.token:
+                assert isinstance(outcome, Job), f"a current lease lost its batch write: {outcome}"
+                assert outcome.status is JobStatus.DONE and outcome.result == {"item": index}
+                assert self.flow.get(job.id) == outcome
+                assert self.flow.history(job.id)[-1].event is Event.SUCCEED
+            else:
+                assert isinstance(outcome, LeaseLost) and outcome.job_id == job.id, (
+                    f"a stale lease holder wrote over job {job.id} ({job.status})")
+                self.unchanged(job)
+
     @rule(claim=claims, retryable=st.booleans())
     def fail(self, claim: Claim, retryable: bool) -> None:
         job = self._leased(claim, lambda: self.flow.fail(claim, "boom", retryable=retryable))

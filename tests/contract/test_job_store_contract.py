@@ -146,3 +146,72 @@ def test_reconcile_queries_keep_their_order_and_limit(
     both = store.expired_leases(now=clock.now + timedelta(hours=1), limit=5)
     assert [j.id for j in both] == [early.job.id, late.job.id]
     assert len(store.expired_leases(now=clock.now + timedelta(hours=1), limit=1)) == 1
+
+
+def test_commit_many_writes_each_winner_and_leaves_each_loser_unchanged(
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    for _ in range(3):
+        queued(flow, objects)
+    first, second, third = flow.claim("w1", limit=3)
+    waiting = flow.initiate_upload("alice", content_type="video/mp4").job_id
+    now = clock.advance(1)
+
+    def finish(job: Job, token: str, result: dict[str, object]) -> Change:
+        return core.apply(job, Event.SUCCEED, core.Evidence(
+            now=now, policy=POLICY, token=token, result=result))
+
+    done_first = finish(first.job, first.token, {"n": 1})
+    stolen_second = finish(attrs.evolve(second.job, lease_token="stolen"), "stolen", {"n": 2})
+    flow.release(third)  # another writer moved the third job on since this snapshot
+    stale_third = finish(third.job, third.token, {"n": 3})
+    cancel_waiting = core.apply(store.get(waiting), Event.CANCEL,
+                                core.Evidence(now=now, policy=POLICY))
+    untouched = {job_id: (store.get(job_id), store.history(job_id))
+                 for job_id in (second.job.id, third.job.id)}
+
+    written = store.commit_many([done_first, stolen_second, stale_third, cancel_waiting])
+
+    assert written == [done_first.after, None, None, cancel_waiting.after]
+    assert store.get(first.job.id) == done_first.after
+    assert store.history(first.job.id)[-1] == done_first.record(seq=4)
+    assert store.get(waiting) == cancel_waiting.after
+    assert store.history(waiting)[-1] == cancel_waiting.record(seq=2)
+    for job_id, (job, history) in untouched.items():
+        assert store.get(job_id) == job and store.history(job_id) == history
+    assert store.commit_many([]) == []
+    assert store.commit_many([done_first]) == [None], "a batch write is still compare-and-set"
+
+
+def test_commit_many_numbers_history_like_single_commits_and_refuses_repeats(
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    for _ in range(2):
+        queued(flow, objects)
+    claims = flow.claim("w1", limit=2)
+    flow.heartbeat(claims[0])  # one more history row on the first job only
+    current = [store.get(claim.job.id) for claim in claims]
+    now = clock.advance(1)
+    changes = [core.apply(job, Event.SUCCEED, core.Evidence(
+        now=now, policy=POLICY, token=claim.token, result={})) for job, claim in
+        zip(current, claims, strict=True)]
+    with pytest.raises(InvalidInput, match="one change per job"):
+        store.commit_many([changes[0], changes[0]])
+    assert [store.get(job.id) for job in current] == current, "a refused batch wrote nothing"
+    assert store.commit_many(changes) == [change.after for change in changes]
+    assert [[row.seq for row in store.history(job.id)] for job in current] == [
+        [1, 2, 3, 4, 5], [1, 2, 3, 4]]
+    assert [store.history(job.id)[-1] for job in current] == [
+        changes[0].record(seq=5), changes[1].record(seq=4)]
+    assert store.counts()[JobStatus.DONE] == 2
+
+
+def test_succeed_many_refuses_a_bad_batch_before_writing_anything(
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore) -> None:
+    for _ in range(2):
+        queued(flow, objects)
+    first, second = flow.claim("w1", limit=2)
+    with pytest.raises(InvalidInput, match="at most once"):
+        flow.succeed_many([(first, None), (first, {"again": True})])
+    with pytest.raises(InvalidInput, match="result"):
+        flow.succeed_many([(first, None), (second, {"not json": object()})])
+    assert [store.get(claim.job.id) for claim in (first, second)] == [first.job, second.job]
+    assert flow.succeed_many([]) == []

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from jobflow import Event, JobStatus
+from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import NOTIFY_CHANNEL, SqlAlchemyJobStore
 from jobflow.adapters.sqlalchemy_schema import events, jobs
@@ -149,3 +150,37 @@ def test_queueing_a_job_notifies_listeners_when_the_transaction_commits(
         assert notified(listener, wait=0.2) == []
         session.commit()
     assert notified(listener, wait=10) == [second.job_id]
+
+
+@pytest.mark.postgres
+def test_a_batch_commit_rolls_back_or_notifies_with_the_host_transaction(
+        pg_engine: sa.Engine, listener: psycopg.Connection[tuple[object, ...]],
+        objects: InMemoryObjectStore) -> None:
+    flow = flow_on(SqlAlchemyJobStore(pg_engine), objects)
+    for _ in range(2):
+        ticket = flow.initiate_upload("alice", content_type="video/mp4")
+        objects.put(ticket.key, b"0123456789", content_type="video/mp4")
+        flow.complete_upload(ticket.job_id)
+    assert len(list(listener.notifies(timeout=10, stop_after=2))) == 2
+    released, finished = flow.claim("w1", limit=2)
+    changes = [
+        core.apply(released.job, Event.RELEASE, core.Evidence(
+            now=flow.now(), policy=flow.policy, token=released.token, error="shutting down")),
+        core.apply(finished.job, Event.SUCCEED, core.Evidence(
+            now=flow.now(), policy=flow.policy, token=finished.token, result={})),
+    ]
+    with Session(pg_engine) as session:
+        bound = SqlAlchemyJobStore(pg_engine).bind(session)
+        assert bound.commit_many(changes) == [change.after for change in changes]
+        session.rollback()
+    assert [flow.get(claim.job.id) for claim in (released, finished)] == [
+        released.job, finished.job]
+    with Session(pg_engine) as session:
+        bound = SqlAlchemyJobStore(pg_engine).bind(session)
+        assert bound.commit_many(changes) == [change.after for change in changes]
+        assert notified(listener, wait=0.2) == []
+        session.commit()
+    assert notified(listener, wait=10) == [released.job.id], "only the job made queued"
+    assert notified(listener, wait=0.2) == []
+    assert [flow.get(change.after.id).status for change in changes] == [
+        JobStatus.QUEUED, JobStatus.DONE]

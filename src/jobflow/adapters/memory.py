@@ -11,7 +11,7 @@ import hashlib
 import io
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -81,14 +81,27 @@ class InMemoryJobStore(_Outage):
             except KeyError:
                 raise JobNotFound(job_id) from None
 
-    def commit(self, change: Change) -> Job | None:
+    def _compare_and_set(self, change: Change) -> Job | None:
+        """Under the lock: write ``change`` if its snapshot is still current."""
         assert change.before is not None
+        current = self._jobs.get(change.before.id)
+        if (current is None or current.status is not change.before.status
+                or current.lease_token != change.before.lease_token):
+            return None
+        return self._append(change)
+
+    def commit(self, change: Change) -> Job | None:
         with self._locked():
-            current = self._jobs.get(change.before.id)
-            if (current is None or current.status is not change.before.status
-                    or current.lease_token != change.before.lease_token):
-                return None
-            return self._append(change)
+            return self._compare_and_set(change)
+
+    def commit_many(self, changes: Sequence[Change]) -> list[Job | None]:
+        job_ids = [change.after.id for change in changes]
+        if len(set(job_ids)) != len(job_ids):
+            raise InvalidInput("commit_many takes at most one change per job")
+        if any(change.before is None for change in changes):
+            raise InvalidInput("commit needs the snapshot each change was decided on")
+        with self._locked():
+            return [self._compare_and_set(change) for change in changes]
 
     def claim(self, *, worker_id: str, limit: int, now: datetime,
               lease_seconds: float) -> list[Claim]:

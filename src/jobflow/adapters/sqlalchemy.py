@@ -8,6 +8,9 @@ one transaction:
   history row, numbered from the job row it locked. ``claim`` takes a batch of
   due jobs with ``FOR UPDATE SKIP LOCKED`` from the partial index of queued
   jobs, so concurrent claimers on many hosts never wait for, nor share, a job.
+  ``commit_many`` sends a whole batch of changes as one JSON parameter and
+  applies them in one statement, still a compare-and-set and a history row
+  per job.
   A write that makes a job ``queued`` also sends ``NOTIFY`` on
   :data:`NOTIFY_CHANNEL` (payload: the job id), delivered at commit.
 * On SQLite each write runs inside ``BEGIN IMMEDIATE`` (one writer at a time;
@@ -27,11 +30,12 @@ refuse :class:`~jobflow.errors.InvalidInput`.
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import attrs
@@ -96,6 +100,26 @@ def _event_params(change: Change) -> dict[str, Any]:
             "event_detail": record.detail}
 
 
+def _json_value(value: object) -> str:
+    """How a change record's timestamps travel in JSON (see :func:`_change_record`)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidInput(f"timestamps must be timezone-aware, got {value!r}")
+        return value.astimezone(UTC).isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _change_record(change: Change) -> dict[str, Any]:
+    """``change`` as one row of the PostgreSQL batch compare-and-set: the job's
+    ``job_*`` values, its history row's ``event_*`` values and the expected
+    status and lease token. Absent keys read as NULL."""
+    assert change.before is not None
+    record = {**_job_params(change.after), **_event_params(change),
+              "expected_status": change.before.status,
+              "expected_token": change.before.lease_token}
+    return {name: value for name, value in record.items() if value is not None}
+
+
 def _canonical_job_id(job_id: str) -> str | None:
     """``job_id`` if it is a job id in canonical form (a lowercase UUID), else None."""
     try:
@@ -148,6 +172,38 @@ def _logged(written: sa.CTE, *, notify: bool) -> sa.Select[Any]:
         return sa.select(logged.c.seq, sa.func.pg_notify(
             sa.literal_column(f"'{NOTIFY_CHANNEL}'"), sa.cast(logged.c.job_id, sa.Text)))
     return sa.select(logged.c.seq)
+
+
+def _postgres_commit_many() -> sa.Select[Any]:
+    """PostgreSQL, one statement: a compare-and-set per row of the ``changes`` JSON
+    array (see :func:`_change_record`), each winner's history row, and a NOTIFY
+    for every job the batch makes ``queued``."""
+    fields = [sa.column(f"job_{c.name}", c.type) for c in _JOB_COLUMNS]
+    fields += [sa.column(f"event_{n}", events.c[n].type) for n in _EVENT_COLUMNS]
+    fields += [sa.column("expected_status", jobs.c.status.type),
+               sa.column("expected_token", jobs.c.lease_token.type)]
+    batch = (sa.func.json_to_recordset(sa.cast(sa.bindparam("changes", type_=sa.Text), sa.JSON))
+             .table_valued(*fields).render_derived(name="batch", with_types=True))
+    changed = (
+        sa.update(jobs)
+        .where(jobs.c.id == batch.c.job_id, jobs.c.status == batch.c.expected_status,
+               jobs.c.lease_token.is_not_distinct_from(batch.c.expected_token))
+        .values({c.name: batch.c[f"job_{c.name}"] for c in _JOB_COLUMNS if c.name != "id"})
+        .values(history_length=jobs.c.history_length + 1)
+        .returning(jobs.c.id, jobs.c.history_length,
+                   *(batch.c[f"event_{n}"] for n in _EVENT_COLUMNS))
+        .cte("changed"))
+    logged = (
+        sa.insert(events)
+        .from_select(["job_id", "seq", *_EVENT_COLUMNS],
+                     sa.select(changed.c.id, changed.c.history_length,
+                               *(changed.c[f"event_{n}"] for n in _EVENT_COLUMNS)))
+        .returning(events.c.job_id, events.c.to_status)
+        .cte("logged"))
+    notify = sa.func.pg_notify(sa.literal_column(f"'{NOTIFY_CHANNEL}'"),
+                               sa.cast(logged.c.job_id, sa.Text))
+    return sa.select(logged.c.job_id,
+                     sa.case((status_is(JobStatus.QUEUED, logged.c.to_status), notify)))
 
 
 def _due() -> sa.Select[Any]:
@@ -208,6 +264,7 @@ _POSTGRES_COMMIT = {
     (token_is_null, notify): _logged(_COMPARE_AND_SET[token_is_null].cte("changed"), notify=notify)
     for token_is_null in (False, True) for notify in (False, True)}
 _POSTGRES_CLAIM = _postgres_claim()
+_POSTGRES_COMMIT_MANY = _postgres_commit_many()
 _SQLITE_CLAIM = _sqlite_claim()
 _GET = sa.select(jobs).where(jobs.c.id == _param("job_id", jobs.c.id))
 _EXISTS = sa.select(jobs.c.id).where(jobs.c.id == _param("job_id", jobs.c.id))
@@ -474,20 +531,56 @@ class SqlAlchemyJobStore:
             raise InvalidInput(f"a change cannot turn job {before.id} into job {after.id}")
         if _canonical_job_id(before.id) is None:
             return None
-        token_is_null = before.lease_token is None
-        params = {**_job_params(after), **_event_params(change), "expected_id": before.id,
-                  "expected_status": before.status, "expected_token": before.lease_token}
         with _driver_errors(change.event.value, before.id), self._transactions.write() as conn:
+            if not self._postgres:
+                return after if self._sqlite_compare_and_set(conn, change) else None
+            params = {**_job_params(after), **_event_params(change), "expected_id": before.id,
+                      "expected_status": before.status, "expected_token": before.lease_token}
+            statement = _POSTGRES_COMMIT[before.lease_token is None,
+                                         after.status is JobStatus.QUEUED]
+            return after if conn.execute(statement, params).first() is not None else None
+
+    def commit_many(self, changes: Sequence[Change]) -> list[Job | None]:
+        for change in changes:
+            if change.before is None:
+                raise InvalidInput("commit needs the snapshot each change was decided on")
+            if change.before.id != change.after.id:
+                raise InvalidInput(f"a change cannot turn job {change.before.id} "
+                                   f"into job {change.after.id}")
+        job_ids = [change.after.id for change in changes]
+        if len(set(job_ids)) != len(job_ids):
+            raise InvalidInput("commit_many takes at most one change per job")
+        # A job id that is not a canonical UUID names no job: that change loses.
+        known = [change for change in changes if _canonical_job_id(change.after.id) is not None]
+        if not known:
+            return [None] * len(changes)
+        with _driver_errors("commit a batch of changes"), self._transactions.write() as conn:
             if self._postgres:
-                notify = after.status is JobStatus.QUEUED
-                statement = _POSTGRES_COMMIT[token_is_null, notify]
-                return after if conn.execute(statement, params).first() is not None else None
-            written = conn.execute(_COMPARE_AND_SET[token_is_null], params).mappings().first()
-            if written is None:
-                return None
-            conn.execute(_INSERT_EVENT, {**params, "event_job_id": before.id,
-                                         "event_seq": written["history_length"]})
-        return after
+                # In id order, so that batches over the same jobs lock them alike.
+                ordered = sorted(known, key=lambda change: change.after.id)
+                records = json.dumps([_change_record(change) for change in ordered],
+                                     default=_json_value, allow_nan=False)
+                written = {row[0] for row in conn.execute(_POSTGRES_COMMIT_MANY,
+                                                          {"changes": records})}
+            else:
+                written = {change.after.id for change in known
+                           if self._sqlite_compare_and_set(conn, change)}
+        return [change.after if change.after.id in written else None for change in changes]
+
+    @staticmethod
+    def _sqlite_compare_and_set(conn: Connection, change: Change) -> bool:
+        """SQLite, inside the caller's write transaction: one change and its history row."""
+        before = change.before
+        assert before is not None
+        params = {**_job_params(change.after), **_event_params(change), "expected_id": before.id,
+                  "expected_status": before.status, "expected_token": before.lease_token}
+        statement = _COMPARE_AND_SET[before.lease_token is None]
+        written = conn.execute(statement, params).mappings().first()
+        if written is None:
+            return False
+        conn.execute(_INSERT_EVENT, {**params, "event_job_id": before.id,
+                                     "event_seq": written["history_length"]})
+        return True
 
     def claim(self, *, worker_id: str, limit: int, now: datetime,
               lease_seconds: float) -> list[Claim]:
