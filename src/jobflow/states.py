@@ -206,8 +206,9 @@ def _refusal(event: Event, job: Job, ev: Evidence, edges: Iterable[Edge]) -> Exc
     return InvalidTransition(job.id, job.status.value, event.value)
 
 
-def _lease_free(job: Job) -> dict[str, Any]:
-    return {"lease_token": None, "lease_owner": None, "lease_expires_at": None}
+#: The fields an event clears when the job leaves ``quick_running``.
+_LEASE_FREE: Mapping[str, None] = MappingProxyType(
+    {"lease_token": None, "lease_owner": None, "lease_expires_at": None})
 
 
 def _verified(obj: ObjectInfo, now: datetime) -> dict[str, Any]:
@@ -265,7 +266,7 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
                 "lease_expires_at": expires.isoformat(), **ev.detail}
         case Event.SUCCEED, _:
             return (
-                {**_lease_free(job), "finished_at": now, "result": ev.result,
+                {**_LEASE_FREE, "finished_at": now, "result": ev.result,
                  "error_code": None, "error_message": None},
                 {},
             )
@@ -273,7 +274,7 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
             delay = ev.retry_delay if ev.retry_delay is not None else ev.policy.retry_delay(
                 job.attempts)
             return (
-                {**_lease_free(job), "run_at": now + delay,
+                {**_LEASE_FREE, "run_at": now + delay,
                  "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
                  "error_message": ev.error},
                 {"error": ev.error, "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
@@ -281,7 +282,7 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
             )
         case Event.FAIL, _:
             return (
-                {**_lease_free(job), "finished_at": now,
+                {**_LEASE_FREE, "finished_at": now,
                  "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
                  "error_message": ev.error},
                 {"error": ev.error, "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
@@ -289,13 +290,13 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
             )
         case Event.RESCUE, JobStatus.QUEUED:
             return (
-                {**_lease_free(job), "run_at": now,
+                {**_LEASE_FREE, "run_at": now,
                  "error_message": f"lease of worker {job.lease_owner} expired"},
                 {"lost_worker": job.lease_owner},
             )
         case Event.RESCUE, _:
             return (
-                {**_lease_free(job), "finished_at": now,
+                {**_LEASE_FREE, "finished_at": now,
                  "error_code": ErrorCode.LEASE_EXPIRED.value,
                  "error_message": f"lease of worker {job.lease_owner} expired, no attempts left"},
                 {"lost_worker": job.lease_owner},
@@ -303,7 +304,7 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
         case Event.RELEASE, _:
             # A worker shutting down hands the job back: not a failed attempt.
             return (
-                {**_lease_free(job), "run_at": now, "attempts": job.attempts - 1},
+                {**_LEASE_FREE, "run_at": now, "attempts": job.attempts - 1},
                 {"reason": ev.error or "worker shutting down"},
             )
         case Event.CANCEL, _:

@@ -158,6 +158,11 @@ def _compare_and_set(*, token_is_null: bool) -> sa.Update:
             .returning(jobs.c.id, jobs.c.history_length))
 
 
+def _notify(job_id: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """PostgreSQL: NOTIFY :data:`NOTIFY_CHANNEL` with the job id, delivered at commit."""
+    return sa.func.pg_notify(sa.literal_column(f"'{NOTIFY_CHANNEL}'"), sa.cast(job_id, sa.Text))
+
+
 def _logged(written: sa.CTE, *, notify: bool) -> sa.Select[Any]:
     """PostgreSQL: append the ``event_*`` history row for the job row ``written``
     returned (none when the compare-and-set lost), and NOTIFY when asked."""
@@ -169,8 +174,7 @@ def _logged(written: sa.CTE, *, notify: bool) -> sa.Select[Any]:
         .returning(events.c.job_id, events.c.seq)
         .cte("logged"))
     if notify:
-        return sa.select(logged.c.seq, sa.func.pg_notify(
-            sa.literal_column(f"'{NOTIFY_CHANNEL}'"), sa.cast(logged.c.job_id, sa.Text)))
+        return sa.select(logged.c.seq, _notify(logged.c.job_id))
     return sa.select(logged.c.seq)
 
 
@@ -200,10 +204,8 @@ def _postgres_commit_many() -> sa.Select[Any]:
                                *(changed.c[f"event_{n}"] for n in _EVENT_COLUMNS)))
         .returning(events.c.job_id, events.c.to_status)
         .cte("logged"))
-    notify = sa.func.pg_notify(sa.literal_column(f"'{NOTIFY_CHANNEL}'"),
-                               sa.cast(logged.c.job_id, sa.Text))
-    return sa.select(logged.c.job_id,
-                     sa.case((status_is(JobStatus.QUEUED, logged.c.to_status), notify)))
+    return sa.select(logged.c.job_id, sa.case(
+        (status_is(JobStatus.QUEUED, logged.c.to_status), _notify(logged.c.job_id))))
 
 
 def _due() -> sa.Select[Any]:
