@@ -8,6 +8,7 @@ is through the injected ports; the only clock is the injected one.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -114,6 +115,12 @@ class JobFlow:
                         worker_id: str | None) -> None:
         self._log.info(event.value, job_id=job.id, from_status=from_status,
                        to_status=job.status.value, attempt=job.attempts, worker_id=worker_id)
+
+    def _logs_transitions(self) -> bool:
+        """Whether transition lines (INFO) are logged at all; batch calls ask once
+        instead of formatting a line per job that the logger would drop."""
+        enabled = getattr(self._log, "is_enabled_for", None)
+        return True if enabled is None else bool(enabled(logging.INFO))
 
     def _logged(self, change: Change, job: Job) -> Job:
         self._log_transition(change.event, job, change.before.status if change.before else None,
@@ -250,16 +257,26 @@ class JobFlow:
     def claim(self, worker_id: str, *, limit: int = 1,
               lease_seconds: float | None = None) -> list[Claim]:
         """Take up to ``limit`` due, verified, queued jobs under a lease."""
+        worker_id, lease = self._claim_args(worker_id, limit, lease_seconds)
+        claims = self.store.claim(worker_id=worker_id, limit=limit, now=self.now(),
+                                  lease_seconds=lease)
+        return self._claimed(claims, worker_id)
+
+    def _claim_args(self, worker_id: str, limit: int,
+                    lease_seconds: float | None) -> tuple[str, float]:
+        """The checked worker id and lease length of a claim."""
         worker_id = check_id(worker_id, "worker_id")
         if not isinstance(limit, int) or limit < 1:
             raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
         lease = lease_seconds if lease_seconds is not None else self.policy.lease_seconds
         if lease <= 0:
             raise InvalidInput(f"lease_seconds must be > 0, got {lease!r}")
-        claims = self.store.claim(worker_id=worker_id, limit=limit, now=self.now(),
-                                  lease_seconds=lease)
-        for claim in claims:
-            self._log_transition(Event.CLAIM, claim.job, JobStatus.QUEUED, worker_id)
+        return worker_id, lease
+
+    def _claimed(self, claims: list[Claim], worker_id: str) -> list[Claim]:
+        if claims and self._logs_transitions():
+            for claim in claims:
+                self._log_transition(Event.CLAIM, claim.job, JobStatus.QUEUED, worker_id)
         return claims
 
     def _leased(self, claim: Claim, decide: Callable[[Job, states.Evidence], Change],
@@ -299,33 +316,27 @@ class JobFlow:
         batch's write itself is all or nothing (:class:`StorageUnavailable`
         when the store is down).
         """
-        pairs = [(claim, json_object(result, "result")) for claim, result in finished]
-        job_ids = [claim.job.id for claim, _ in pairs]
-        if len(set(job_ids)) != len(job_ids):
-            raise InvalidInput("succeed_many takes each job at most once")
+        batch = _SucceededBatch(self, finished)
+        return batch.settle(self.store.commit_many(batch.changes) if batch.changes else [])
 
-        def decide(claim: Claim, result: JSONDict) -> Callable[[Job], Change]:
-            return lambda job: states.apply(job, Event.SUCCEED, self._evidence(
-                token=claim.token, worker_id=claim.job.lease_owner, result=result))
+    def succeed_and_claim(self, finished: Sequence[tuple[Claim, JSONDict | None]],
+                          worker_id: str, *, limit: int = 1, lease_seconds: float | None = None
+                          ) -> tuple[list[Job | LeaseLost], list[Claim]]:
+        """:meth:`succeed_many` and then :meth:`claim`, in one store transaction
+        (one statement and one commit on PostgreSQL instead of two).
 
-        outcomes: dict[int, Job | LeaseLost] = {}
-        decided: list[tuple[int, Change]] = []
-        for index, (claim, result) in enumerate(pairs):
-            try:  # on the claim's own copy, as _leased does
-                decided.append((index, decide(claim, result)(claim.job)))
-            except LeaseLost as lost:
-                outcomes[index] = lost
-        written = self.store.commit_many([change for _, change in decided]) if decided else []
-        for (index, change), job in zip(decided, written, strict=True):
-            if job is not None:
-                outcomes[index] = self._logged(change, job)
-                continue
-            claim, result = pairs[index]
-            try:  # lost the race: decide again on a fresh read, as succeed does
-                outcomes[index] = self._transition(claim.job.id, decide(claim, result))
-            except LeaseLost as lost:
-                outcomes[index] = lost
-        return [outcomes[index] for index in range(len(pairs))]
+        The loop of a worker that finishes what it holds and takes more:
+        ``outcomes, claims = flow.succeed_and_claim(outcomes_pairs, worker_id,
+        limit=n)``. ``outcomes`` is what :meth:`succeed_many` would return,
+        ``claims`` what :meth:`claim` would. If the store fails, neither the
+        finishing writes nor the claim happened.
+        """
+        worker_id, lease = self._claim_args(worker_id, limit, lease_seconds)
+        batch = _SucceededBatch(self, finished)
+        written, claims = self.store.commit_and_claim(
+            batch.changes, worker_id=worker_id, limit=limit, now=self.now(),
+            lease_seconds=lease)
+        return batch.settle(written), self._claimed(claims, worker_id)
 
     def fail(self, claim: Claim, error: str, *, retryable: bool = True,
              retry_in: timedelta | None = None, error_code: str | None = None) -> Job:
@@ -398,3 +409,55 @@ class JobFlow:
             return False
         self._logged(change, written)
         return True
+
+
+class _SucceededBatch:
+    """The ``succeed`` decisions for a batch of claims, and what became of them.
+
+    Each job is decided on its claim's own copy (as :meth:`JobFlow.succeed`
+    does); a change that loses its compare-and-set is decided again on a
+    fresh read, one job at a time.
+    """
+
+    def __init__(self, flow: JobFlow,
+                 finished: Sequence[tuple[Claim, JSONDict | None]]) -> None:
+        self._flow = flow
+        self._pairs = [(claim, json_object(result, "result")) for claim, result in finished]
+        job_ids = [claim.job.id for claim, _ in self._pairs]
+        if len(set(job_ids)) != len(job_ids):
+            raise InvalidInput("succeed_many takes each job at most once")
+        self._outcomes: dict[int, Job | LeaseLost] = {}
+        self._decided: list[tuple[int, Change]] = []
+        now = flow.now()  # one write, one instant
+        for index, (claim, result) in enumerate(self._pairs):
+            try:
+                self._decided.append((index, states.apply(claim.job, Event.SUCCEED, states.Evidence(
+                    now=now, policy=flow.policy, token=claim.token,
+                    worker_id=claim.job.lease_owner, result=result))))
+            except LeaseLost as lost:
+                self._outcomes[index] = lost
+
+    @property
+    def changes(self) -> list[Change]:
+        return [change for _, change in self._decided]
+
+    def _decide(self, claim: Claim, result: JSONDict) -> Callable[[Job], Change]:
+        """How a retry after a lost race decides, on a fresh read and a fresh clock."""
+        flow = self._flow
+        return lambda job: states.apply(job, Event.SUCCEED, flow._evidence(
+            token=claim.token, worker_id=claim.job.lease_owner, result=result))
+
+    def settle(self, written: Sequence[Job | None]) -> list[Job | LeaseLost]:
+        """The outcomes, in the order of the pairs, once the store wrote ``written``."""
+        flow, outcomes = self._flow, self._outcomes
+        log = flow._logs_transitions()
+        for (index, change), job in zip(self._decided, written, strict=True):
+            if job is not None:
+                outcomes[index] = flow._logged(change, job) if log else job
+                continue
+            claim, result = self._pairs[index]
+            try:  # lost the race: decide again on a fresh read, as succeed does
+                outcomes[index] = flow._transition(claim.job.id, self._decide(claim, result))
+            except LeaseLost as lost:
+                outcomes[index] = lost
+        return [outcomes[index] for index in range(len(self._pairs))]

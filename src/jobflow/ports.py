@@ -71,6 +71,17 @@ class JobStore(Protocol):
         """
         ...
 
+    def commit_and_claim(self, changes: Sequence[Change], *, worker_id: str, limit: int,
+                         now: datetime, lease_seconds: float
+                         ) -> tuple[list[Job | None], list[Claim]]:
+        """:meth:`commit_many` and then :meth:`claim`, in one transaction.
+
+        A worker hands in what it finished and takes its next jobs with one
+        commit instead of two. The answer is ``(written, claims)`` as the two
+        calls would give them; if the store fails, neither happened.
+        """
+        ...
+
     def history(self, job_id: str) -> list[JobEvent]:
         """The job's history rows, oldest first."""
         ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any
 
@@ -216,7 +216,9 @@ class JobFlowMachine(RuleBasedStateMachine):
 
     @rule(target=claims, worker=S.workers, limit=S.claim_limits)
     def claim(self, worker: str, limit: int) -> Any:
-        claims = self.flow.claim(worker, limit=limit)
+        return multiple(*self._check_claims(self.flow.claim(worker, limit=limit), worker, limit))
+
+    def _check_claims(self, claims: list[Claim], worker: str, limit: int) -> list[Claim]:
         assert len(claims) <= limit
         for claim in claims:
             job = claim.job
@@ -231,7 +233,7 @@ class JobFlowMachine(RuleBasedStateMachine):
             left = [j for j in self._jobs()
                     if j.status is JobStatus.QUEUED and j.run_at <= self.now]
             assert not left, "claim left due, queued jobs behind"
-        return multiple(*claims)
+        return claims
 
     @rule(claim=claims)
     def heartbeat(self, claim: Claim) -> None:
@@ -250,8 +252,28 @@ class JobFlowMachine(RuleBasedStateMachine):
     def succeed_batch(self, batch: list[Claim]) -> None:
         """Finish several claims in one write: exactly those whose token is current win."""
         before = {claim.job.id: self.flow.get(claim.job.id) for claim in batch}
-        outcomes = self.flow.succeed_many(
-            [(claim, {"item": index}) for index, claim in enumerate(batch)])
+        outcomes = self.flow.succeed_many(self._results(batch))
+        self._check_batch(batch, before, outcomes)
+
+    @rule(target=claims, batch=st.lists(claims, max_size=4, unique_by=lambda c: c.job.id),
+          worker=S.workers, limit=S.claim_limits)
+    def succeed_and_claim(self, batch: list[Claim], worker: str, limit: int) -> Any:
+        """Finish several claims and take new jobs in one write."""
+        before = {claim.job.id: self.flow.get(claim.job.id) for claim in batch}
+        outcomes, taken = self.flow.succeed_and_claim(self._results(batch), worker, limit=limit)
+        # A stale claim's job may be queued again, and taken by this very call.
+        retaken = {claim.job.id for claim in taken}
+        self._check_batch(batch, before, outcomes, retaken=retaken)
+        assert not {job.id for job in outcomes if isinstance(job, Job)} & retaken, (
+            "a job finished in the same write was claimed again")
+        return multiple(*self._check_claims(taken, worker, limit))
+
+    @staticmethod
+    def _results(batch: list[Claim]) -> list[tuple[Claim, dict[str, Any]]]:
+        return [(claim, {"item": index}) for index, claim in enumerate(batch)]
+
+    def _check_batch(self, batch: list[Claim], before: dict[str, Job],
+                     outcomes: list[Job | LeaseLost], retaken: Collection[str] = ()) -> None:
         assert len(outcomes) == len(batch)
         for index, (claim, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             job = before[claim.job.id]
@@ -263,7 +285,10 @@ class JobFlowMachine(RuleBasedStateMachine):
             else:
                 assert isinstance(outcome, LeaseLost) and outcome.job_id == job.id, (
                     f"a stale lease holder wrote over job {job.id} ({job.status})")
-                self.unchanged(job)
+                if job.id in retaken:
+                    assert self.flow.get(job.id).lease_token != claim.token
+                else:
+                    self.unchanged(job)
 
     @rule(claim=claims, retryable=st.booleans())
     def fail(self, claim: Claim, retryable: bool) -> None:

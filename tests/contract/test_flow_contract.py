@@ -270,6 +270,32 @@ def test_bad_claim_and_clock_arguments(flow: JobFlow, store: JobStore,
         naive.initiate_upload("alice", content_type="video/mp4")
 
 
+def test_succeed_and_claim_finishes_what_is_held_and_takes_more(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    for _ in range(4):
+        queued_job(flow, objects)
+    held, released = flow.claim("w1", limit=2)
+    flow.release(released)  # its claim is stale from here on
+    with pytest.raises(InvalidInput, match="limit"):
+        flow.succeed_and_claim([(held, None)], "w1", limit=0)
+    with pytest.raises(InvalidInput, match="at most once"):
+        flow.succeed_and_claim([(held, None), (held, None)], "w1")
+    assert flow.get(held.job.id) == held.job, "a refused call wrote nothing"
+
+    outcomes, claims = flow.succeed_and_claim([(held, {"frames": 3}), (released, None)], "w1",
+                                              limit=5)
+
+    done, lost = outcomes
+    assert done.status is JobStatus.DONE and done.result == {"frames": 3}
+    assert isinstance(lost, LeaseLost) and lost.job_id == released.job.id
+    assert flow.history(held.job.id)[-1].event is Event.SUCCEED
+    assert len(claims) == 3 and held.job.id not in {c.job.id for c in claims}
+    assert all(flow.get(c.job.id) == c.job for c in claims)
+    assert flow.succeed_and_claim([], "w1", limit=5) == ([], [])
+    finished, none_left = flow.succeed_and_claim([(c, None) for c in claims], "w1")
+    assert [job.status for job in finished] == [JobStatus.DONE] * 3 and none_left == []
+
+
 def test_each_transition_logs_one_line_with_its_context(
         store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     flow = JobFlow(store=store, objects=objects, clock=clock, policy=POLICY)

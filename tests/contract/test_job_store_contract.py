@@ -204,6 +204,39 @@ def test_commit_many_numbers_history_like_single_commits_and_refuses_repeats(
     assert store.counts()[JobStatus.DONE] == 2
 
 
+def test_commit_and_claim_finishes_a_batch_and_claims_in_one_call(
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    for _ in range(4):
+        queued(flow, objects)
+    first, second = flow.claim("w1", limit=2)
+    now = clock.advance(1)
+    done_first = core.apply(first.job, Event.SUCCEED, core.Evidence(
+        now=now, policy=POLICY, token=first.token, result={"n": 1}))
+    stolen_second = core.apply(attrs.evolve(second.job, lease_token="stolen"), Event.SUCCEED,
+                               core.Evidence(now=now, policy=POLICY, token="stolen", result={}))
+    untouched = (store.get(second.job.id), store.history(second.job.id))
+
+    written, claims = store.commit_and_claim([done_first, stolen_second], worker_id="w2",
+                                             limit=5, now=now, lease_seconds=60)
+
+    assert written == [done_first.after, None]
+    assert store.get(first.job.id) == done_first.after
+    assert store.history(first.job.id)[-1] == done_first.record(seq=4)
+    assert (store.get(second.job.id), store.history(second.job.id)) == untouched
+    assert len(claims) == 2, "the two jobs still queued, and only those"
+    assert [(c.job.run_at, c.job.id) for c in claims] == sorted(
+        (c.job.run_at, c.job.id) for c in claims)
+    for claim in claims:
+        assert store.get(claim.job.id) == claim.job
+        assert claim.job.lease_owner == "w2" and claim.job.attempts == 1
+        assert store.history(claim.job.id)[-1].event is Event.CLAIM
+    assert store.commit_and_claim([], worker_id="w2", limit=1, now=now,
+                                  lease_seconds=60) == ([], [])
+    with pytest.raises(InvalidInput, match="one change per job"):
+        store.commit_and_claim([done_first, done_first], worker_id="w2", limit=1, now=now,
+                               lease_seconds=60)
+
+
 def test_succeed_many_refuses_a_bad_batch_before_writing_anything(
         flow: JobFlow, store: JobStore, objects: InMemoryObjectStore) -> None:
     for _ in range(2):

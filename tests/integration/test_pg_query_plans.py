@@ -12,6 +12,8 @@ import pytest
 import sqlalchemy as sa
 from psycopg.sql import Literal
 
+from jobflow import Event
+from jobflow import states as core
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -32,17 +34,18 @@ def executed(pg_engine: sa.Engine) -> Iterator[list[Statement]]:
     sa.event.remove(pg_engine, "before_cursor_execute", record)
 
 
-def generic_plan_of(engine: sa.Engine, statement: Statement) -> str:
+def generic_plan_of(engine: sa.Engine, statement: Statement, *, seqscan: bool = False) -> str:
     """The plan PostgreSQL uses for the statement prepared once and run with any
-    parameters (a generic plan, as for psycopg's prepared statements), when
-    scanning the whole table is not an option."""
+    parameters (a generic plan, as for psycopg's prepared statements); unless
+    ``seqscan``, when scanning the whole table is not an option."""
     sql, parameters = statement
     names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", sql)))
     numbered = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m[1]) + 1}", sql)
     with engine.connect() as conn:
         driver = conn.connection.dbapi_connection
         arguments = ", ".join(Literal(parameters[name]).as_string(driver) for name in names)
-        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        if not seqscan:
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
         conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
         conn.exec_driver_sql(f"PREPARE scan AS {numbered}")
         plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN EXECUTE scan({arguments})").scalars())
@@ -68,3 +71,40 @@ def test_each_scan_uses_its_partial_index(
     call(SqlAlchemyJobStore(pg_engine))
     [statement] = executed
     assert index in generic_plan_of(pg_engine, statement)
+
+
+QUEUED_JOBS = 5_000
+SEED_QUEUED = """
+INSERT INTO jobflow_jobs (
+    id, owner_id, status, params, bucket, object_key, content_type, created_at, updated_at,
+    upload_expires_at, run_at, max_attempts, attempts, upload_verified_at, object_size,
+    object_etag, history_length)
+SELECT gen_random_uuid(), 'alice', 'queued', '{}', 'b', 'uploads/' || n, 'video/mp4',
+       t, t, t, t + n * interval '1 second', 3, 0, t, 10, 'etag', 2
+FROM generate_series(1, %(count)s) AS n, (SELECT timestamptz '2029-12-01' AS t) AS at
+"""
+
+
+@pytest.mark.postgres
+def test_claims_reach_jobs_through_indexes_whatever_the_batch_size(
+        pg_engine: sa.Engine, executed: list[Statement]) -> None:
+    """A plan made once for every batch size must not hash the whole table to
+    find the jobs it took (a join on the picked ids let it do that), neither
+    in a claim nor in a finish-and-claim."""
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(SEED_QUEUED, {"count": QUEUED_JOBS})
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE jobflow_jobs")
+    store = SqlAlchemyJobStore(pg_engine)
+    first, second = store.claim(worker_id="w", limit=2, now=NOW, lease_seconds=60)
+    finished = [core.apply(claim.job, Event.SUCCEED, core.Evidence(
+        now=NOW, token=claim.token, result={"n": index}))
+        for index, claim in enumerate((first, second))]
+    written, claims = store.commit_and_claim(finished, worker_id="w", limit=100, now=NOW,
+                                             lease_seconds=60)
+    assert written == [change.after for change in finished] and len(claims) == 100
+    claiming = [statement for statement in executed if "SKIP LOCKED" in statement[0]]
+    assert len(claiming) == 2
+    for statement in claiming:
+        plan = generic_plan_of(pg_engine, statement, seqscan=True)
+        assert "Seq Scan on jobflow_jobs" not in plan, plan

@@ -30,6 +30,7 @@ refuse :class:`~jobflow.errors.InvalidInput`.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
 import uuid
@@ -41,6 +42,7 @@ from typing import Any, Protocol
 import attrs
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
@@ -63,7 +65,11 @@ SUPPORTED_DIALECTS = frozenset({"postgresql", "sqlite"})
 
 # Job attributes stored under another column name.
 _COLUMN_OF_FIELD = {"key": "object_key"}
+_FIELD_OF_COLUMN = {column: field for field, column in _COLUMN_OF_FIELD.items()}
 _JOB_FIELDS = tuple(field.name for field in attrs.fields(Job))
+# The row's columns in the order of Job's fields (Job takes them positionally).
+_ROW_COLUMNS = tuple(_COLUMN_OF_FIELD.get(name, name) for name in _JOB_FIELDS)
+_STATUS_INDEX = _JOB_FIELDS.index("status")
 
 
 # -- rows and domain objects ------------------------------------------------------------
@@ -71,9 +77,9 @@ _JOB_FIELDS = tuple(field.name for field in attrs.fields(Job))
 
 def _job_from_row(row: sa.RowMapping) -> Job:
     """The one place a database row becomes a :class:`Job`."""
-    values = {name: row[_COLUMN_OF_FIELD.get(name, name)] for name in _JOB_FIELDS}
-    values["status"] = JobStatus(values["status"])
-    return Job(**values)
+    values = [row[column] for column in _ROW_COLUMNS]
+    values[_STATUS_INDEX] = JobStatus(values[_STATUS_INDEX])
+    return Job(*values)
 
 
 def _event_from_row(row: sa.RowMapping) -> JobEvent:
@@ -100,24 +106,80 @@ def _event_params(change: Change) -> dict[str, Any]:
             "event_detail": record.detail}
 
 
-def _json_value(value: object) -> str:
-    """How a change record's timestamps travel in JSON (see :func:`_change_record`)."""
+def _as_text(value: object) -> str | None:
+    """How one value of a PostgreSQL batch travels: as text (or NULL), which the
+    statement casts to its column's type (see :func:`_postgres_batch_write`)."""
+    if value is None or isinstance(value, str):
+        return value
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidInput(f"timestamps must be timezone-aware, got {value!r}")
         return value.astimezone(UTC).isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value, allow_nan=False)
 
 
-def _change_record(change: Change) -> dict[str, Any]:
-    """``change`` as one row of the PostgreSQL batch compare-and-set: the job's
-    ``job_*`` values, its history row's ``event_*`` values and the expected
-    status and lease token. Absent keys read as NULL."""
-    assert change.before is not None
-    record = {**_job_params(change.after), **_event_params(change),
-              "expected_status": change.before.status,
-              "expected_token": change.before.lease_token}
-    return {name: value for name, value in record.items() if value is not None}
+def _changed_columns(changes: Sequence[Change]) -> tuple[str, ...]:
+    """The job columns any of ``changes`` writes, in table order (``updated_at`` always)."""
+    fields = {"updated_at"}
+    for change in changes:
+        before, after = change.before, change.after
+        # A transition copies the fields it leaves alone: ``is`` settles most.
+        fields.update(name for name in _JOB_FIELDS
+                      if (old := getattr(before, name)) is not (new := getattr(after, name))
+                      and old != new)
+    return tuple(c.name for c in _JOB_COLUMNS
+                 if _FIELD_OF_COLUMN.get(c.name, c.name) in fields and c.name != "id")
+
+
+def _batch_fields(columns: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """The fields of a PostgreSQL batch that writes ``columns``, and their types:
+    the job id, the new values of ``columns``, the history row's ``event_*``
+    values, and the expected status and lease token."""
+    return [("job_id", jobs.c.id.type),
+            *((f"job_{name}", jobs.c[name].type) for name in columns),
+            *((f"event_{name}", events.c[name].type) for name in _EVENT_COLUMNS),
+            ("expected_status", jobs.c.status.type),
+            ("expected_token", jobs.c.lease_token.type)]
+
+
+def _batch_values(change: Change, columns: tuple[str, ...]) -> list[object]:
+    """``change``'s values for the fields of :func:`_batch_fields`, in their order."""
+    before, after = change.before, change.after
+    assert before is not None
+    record = change.record(seq=0)
+    return [after.id, *(getattr(after, _FIELD_OF_COLUMN.get(name, name)) for name in columns),
+            record.event, record.from_status, record.to_status, record.at, record.worker_id,
+            record.attempt, record.detail, before.status, before.lease_token]
+
+
+@attrs.frozen
+class _BatchShape:
+    """What a PostgreSQL batch statement is built for: the job columns it writes,
+    and which fields vary from change to change (one array each, unnested);
+    the others are the same for the whole batch (one value each)."""
+
+    columns: tuple[str, ...]
+    varying: frozenset[str]
+
+
+def _change_records(changes: Sequence[Change]) -> tuple[_BatchShape, dict[str, Any]]:
+    """The shape of a batch and the parameters of its statement, as text: the
+    changes in job id order (so that batches over the same jobs lock them alike)."""
+    columns = _changed_columns(changes)
+    ordered = sorted(changes, key=lambda change: change.after.id)
+    rows = [_batch_values(change, columns) for change in ordered]
+    params: dict[str, Any] = {}
+    varying = set()
+    for (name, _), values in zip(_batch_fields(columns), zip(*rows, strict=True), strict=True):
+        first = values[0]
+        if name == "job_id" or any(value is not first and value != first for value in values):
+            varying.add(name)
+            params[f"batch_{name}"] = [_as_text(value) for value in values]
+        else:
+            params[f"batch_{name}"] = _as_text(first)
+    return _BatchShape(columns, frozenset(varying)), params
 
 
 def _canonical_job_id(job_id: str) -> str | None:
@@ -126,6 +188,40 @@ def _canonical_job_id(job_id: str) -> str | None:
         return job_id if str(uuid.UUID(job_id)) == job_id else None
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def _batch(changes: Sequence[Change]) -> list[Change]:
+    """Check a batch of changes; the ones whose job id can name a job at all
+    (a job id that is not a canonical UUID names no job: that change loses)."""
+    for change in changes:
+        if change.before is None:
+            raise InvalidInput("commit needs the snapshot each change was decided on")
+        if change.before.id != change.after.id:
+            raise InvalidInput(f"a change cannot turn job {change.before.id} "
+                               f"into job {change.after.id}")
+    job_ids = [change.after.id for change in changes]
+    if len(set(job_ids)) != len(job_ids):
+        raise InvalidInput("commit_many takes at most one change per job")
+    return [change for change in changes if _canonical_job_id(change.after.id) is not None]
+
+
+def _claim_params(*, worker_id: str, limit: int, now: datetime,
+                  lease_seconds: float) -> dict[str, Any]:
+    """The parameters of the claim statements: the claim edge's effects and history row."""
+    expires = now + timedelta(seconds=lease_seconds)
+    return {"now": now, "limit": limit, "worker_id": worker_id,
+            "lease_expires_at": expires, "claimed_status": JobStatus.QUICK_RUNNING,
+            "event_event": Event.CLAIM, "event_from_status": JobStatus.QUEUED,
+            "event_to_status": JobStatus.QUICK_RUNNING, "event_at": now,
+            "event_worker_id": worker_id,
+            "event_detail": {"lease_expires_at": expires.isoformat()}}
+
+
+def _claims(rows: Sequence[sa.RowMapping]) -> list[Claim]:
+    """Claimed job rows as claims, oldest ``run_at`` first, then id."""
+    claimed = sorted((_job_from_row(row) for row in rows), key=lambda j: (j.run_at, j.id))
+    return [Claim(job=job, token=job.lease_token) for job in claimed
+            if job.lease_token is not None]
 
 
 # -- statements, built once (building them per call costs more than running them) -------------
@@ -178,34 +274,59 @@ def _logged(written: sa.CTE, *, notify: bool) -> sa.Select[Any]:
     return sa.select(logged.c.seq)
 
 
-def _postgres_commit_many() -> sa.Select[Any]:
-    """PostgreSQL, one statement: a compare-and-set per row of the ``changes`` JSON
-    array (see :func:`_change_record`), each winner's history row, and a NOTIFY
-    for every job the batch makes ``queued``."""
-    fields = [sa.column(f"job_{c.name}", c.type) for c in _JOB_COLUMNS]
-    fields += [sa.column(f"event_{n}", events.c[n].type) for n in _EVENT_COLUMNS]
-    fields += [sa.column("expected_status", jobs.c.status.type),
-               sa.column("expected_token", jobs.c.lease_token.type)]
-    batch = (sa.func.json_to_recordset(sa.cast(sa.bindparam("changes", type_=sa.Text), sa.JSON))
-             .table_valued(*fields).render_derived(name="batch", with_types=True))
+_TEXT_ARRAY = postgresql.ARRAY(sa.Text)
+_UUID_ARRAY = postgresql.ARRAY(sa.Uuid(as_uuid=False))
+
+
+def _postgres_batch_write(shape: _BatchShape) -> sa.CTE:
+    """PostgreSQL: a compare-and-set per element of the batch's arrays (see
+    :func:`_change_records`) writing ``shape.columns``, and each winner's
+    history row. The CTE returns the history rows written (``job_id``,
+    ``to_status``). Values travel as text and are cast to their column's type."""
+    fields = _batch_fields(shape.columns)
+    params = {name: sa.bindparam(f"batch_{name}",
+                                 type_=_TEXT_ARRAY if name in shape.varying else sa.Text)
+              for name, _ in fields}
+    varying = [(name, type_) for name, type_ in fields if name in shape.varying]
+    batch = (sa.func.unnest(*(sa.cast(params[name], postgresql.ARRAY(type_))
+                              for name, type_ in varying))
+             .table_valued(*(sa.column(name, type_) for name, type_ in varying))
+             .render_derived(name="batch"))
+    value = {name: batch.c[name] if name in shape.varying else sa.cast(params[name], type_)
+             for name, type_ in fields}
     changed = (
         sa.update(jobs)
-        .where(jobs.c.id == batch.c.job_id, jobs.c.status == batch.c.expected_status,
-               jobs.c.lease_token.is_not_distinct_from(batch.c.expected_token))
-        .values({c.name: batch.c[f"job_{c.name}"] for c in _JOB_COLUMNS if c.name != "id"})
+        .where(jobs.c.id == value["job_id"], jobs.c.status == value["expected_status"],
+               jobs.c.lease_token.is_not_distinct_from(value["expected_token"]),
+               # The planner cannot see how long the arrays are when it plans
+               # once for all calls; this lets it find the jobs by primary key.
+               jobs.c.id == sa.any_(sa.cast(params["job_id"], _UUID_ARRAY)))
+        .values({name: value[f"job_{name}"] for name in shape.columns})
         .values(history_length=jobs.c.history_length + 1)
         .returning(jobs.c.id, jobs.c.history_length,
-                   *(batch.c[f"event_{n}"] for n in _EVENT_COLUMNS))
+                   *(value[f"event_{n}"].label(f"event_{n}") for n in _EVENT_COLUMNS))
         .cte("changed"))
-    logged = (
+    return (
         sa.insert(events)
         .from_select(["job_id", "seq", *_EVENT_COLUMNS],
                      sa.select(changed.c.id, changed.c.history_length,
                                *(changed.c[f"event_{n}"] for n in _EVENT_COLUMNS)))
         .returning(events.c.job_id, events.c.to_status)
         .cte("logged"))
-    return sa.select(logged.c.job_id, sa.case(
-        (status_is(JobStatus.QUEUED, logged.c.to_status), _notify(logged.c.job_id))))
+
+
+def _notify_if_queued(logged: sa.CTE) -> sa.ColumnElement[Any]:
+    """NOTIFY for a history row that made its job ``queued`` (NULL otherwise)."""
+    return sa.case((status_is(JobStatus.QUEUED, logged.c.to_status),
+                    sa.cast(_notify(logged.c.job_id), sa.Text)))
+
+
+@functools.cache
+def _postgres_commit_many(shape: _BatchShape) -> sa.Select[Any]:
+    """PostgreSQL, one statement: the batch write, and a NOTIFY for every job
+    the batch makes ``queued``. One statement per set of written columns."""
+    logged = _postgres_batch_write(shape)
+    return sa.select(logged.c.job_id, _notify_if_queued(logged))
 
 
 def _due() -> sa.Select[Any]:
@@ -227,22 +348,49 @@ _CLAIM_EFFECTS: dict[str, Any] = {
 }
 
 
-def _postgres_claim() -> sa.Select[Any]:
-    """One statement: lock a batch of due jobs (skipping locked ones), take them, log them."""
-    picked = _due().with_for_update(skip_locked=True).cte("picked")
-    claimed = (sa.update(jobs).where(jobs.c.id == picked.c.id)
+def _postgres_claimed() -> tuple[sa.CTE, sa.CTE]:
+    """Lock a batch of due jobs (skipping locked ones), take them, log them:
+    the CTE of the claimed job rows, and the CTE of their history rows."""
+    # id = ANY(ARRAY(...)): the locked ids are collected once, then the jobs are
+    # found by primary key. A join on the picked ids would let a plan made once
+    # for all batch sizes (a prepared statement's) hash the whole table instead.
+    picked = sa.func.array(_due().with_for_update(skip_locked=True).scalar_subquery())
+    claimed = (sa.update(jobs).where(jobs.c.id == sa.any_(picked))
                .values(**_CLAIM_EFFECTS, lease_token=sa.cast(sa.func.gen_random_uuid(), sa.Text))
                .returning(*jobs.c)
                .cte("claimed"))
-    logged = (
+    claim_logged = (
         sa.insert(events)
         .from_select(["job_id", "seq", "attempt", *(n for n in _EVENT_COLUMNS if n != "attempt")],
                      sa.select(claimed.c.id, claimed.c.history_length, claimed.c.attempts,
                                *(_cast_param(f"event_{n}", events.c[n])
                                  for n in _EVENT_COLUMNS if n != "attempt")))
         .returning(events.c.seq)
-        .cte("logged"))
-    return sa.select(claimed).add_cte(logged)
+        .cte("claim_logged"))
+    return claimed, claim_logged
+
+
+def _postgres_claim() -> sa.Select[Any]:
+    """PostgreSQL, one statement: claim a batch; the rows are the claimed jobs."""
+    claimed, claim_logged = _postgres_claimed()
+    return sa.select(claimed).add_cte(claim_logged)
+
+
+@functools.cache
+def _postgres_commit_and_claim(shape: _BatchShape) -> sa.CompoundSelect[Any]:
+    """PostgreSQL, one statement: the batch write of :func:`_postgres_commit_many`
+    and a claim. Each claimed job is one row (``written`` NULL); one more row
+    holds the ids the batch wrote in ``written`` (its job columns NULL).
+    The two never touch the same row: the batch writes jobs that were not
+    ``queued`` when the statement started, the claim takes only ``queued`` ones."""
+    logged = _postgres_batch_write(shape)
+    claimed, claim_logged = _postgres_claimed()
+    claims: sa.Select[Any] = sa.select(sa.cast(sa.null(), _TEXT_ARRAY).label("written"), claimed)
+    # The HAVING clause is always true: it sends the NOTIFYs, one per row.
+    written: sa.Select[Any] = sa.select(  # type: ignore[assignment]
+        sa.func.array_agg(sa.cast(logged.c.job_id, sa.Text)), *(sa.null() for _ in claimed.c)
+    ).having(sa.func.count(_notify_if_queued(logged)) >= 0)
+    return sa.union_all(claims, written).add_cte(claim_logged)
 
 
 def _sqlite_claim() -> sa.Update:
@@ -266,7 +414,6 @@ _POSTGRES_COMMIT = {
     (token_is_null, notify): _logged(_COMPARE_AND_SET[token_is_null].cte("changed"), notify=notify)
     for token_is_null in (False, True) for notify in (False, True)}
 _POSTGRES_CLAIM = _postgres_claim()
-_POSTGRES_COMMIT_MANY = _postgres_commit_many()
 _SQLITE_CLAIM = _sqlite_claim()
 _GET = sa.select(jobs).where(jobs.c.id == _param("job_id", jobs.c.id))
 _EXISTS = sa.select(jobs.c.id).where(jobs.c.id == _param("job_id", jobs.c.id))
@@ -545,31 +692,44 @@ class SqlAlchemyJobStore:
     def commit_many(self, changes: Sequence[Change]) -> list[Job | None]:
         if len(changes) == 1:  # the single-change statement is the cheaper one
             return [self.commit(changes[0])]
-        for change in changes:
-            if change.before is None:
-                raise InvalidInput("commit needs the snapshot each change was decided on")
-            if change.before.id != change.after.id:
-                raise InvalidInput(f"a change cannot turn job {change.before.id} "
-                                   f"into job {change.after.id}")
-        job_ids = [change.after.id for change in changes]
-        if len(set(job_ids)) != len(job_ids):
-            raise InvalidInput("commit_many takes at most one change per job")
-        # A job id that is not a canonical UUID names no job: that change loses.
-        known = [change for change in changes if _canonical_job_id(change.after.id) is not None]
+        known = _batch(changes)
         if not known:
             return [None] * len(changes)
         with _driver_errors("commit a batch of changes"), self._transactions.write() as conn:
             if self._postgres:
-                # In id order, so that batches over the same jobs lock them alike.
-                ordered = sorted(known, key=lambda change: change.after.id)
-                records = json.dumps([_change_record(change) for change in ordered],
-                                     default=_json_value, allow_nan=False)
-                written = {row[0] for row in conn.execute(_POSTGRES_COMMIT_MANY,
-                                                          {"changes": records})}
+                shape, batch = _change_records(known)
+                written = {row[0] for row in conn.execute(_postgres_commit_many(shape), batch)}
             else:
-                written = {change.after.id for change in known
-                           if self._sqlite_compare_and_set(conn, change)}
+                written = self._sqlite_commit_many(conn, known)
         return [change.after if change.after.id in written else None for change in changes]
+
+    def commit_and_claim(self, changes: Sequence[Change], *, worker_id: str, limit: int,
+                         now: datetime, lease_seconds: float
+                         ) -> tuple[list[Job | None], list[Claim]]:
+        known = _batch(changes)
+        if not known:
+            return [None] * len(changes), self.claim(
+                worker_id=worker_id, limit=limit, now=now, lease_seconds=lease_seconds)
+        params = _claim_params(worker_id=worker_id, limit=limit, now=now,
+                               lease_seconds=lease_seconds)
+        with _driver_errors("commit a batch of changes and claim"), \
+                self._transactions.write() as conn:
+            if self._postgres:
+                shape, batch = _change_records(known)
+                params.update(batch)
+                rows = conn.execute(_postgres_commit_and_claim(shape), params).mappings().all()
+                written = {job_id for row in rows for job_id in row["written"] or ()}
+                rows = [row for row in rows if row["id"] is not None]
+            else:
+                written = self._sqlite_commit_many(conn, known)
+                rows = self._sqlite_claim(conn, params)
+        return ([change.after if change.after.id in written else None for change in changes],
+                _claims(rows))
+
+    def _sqlite_commit_many(self, conn: Connection, changes: Sequence[Change]) -> set[str]:
+        """SQLite, inside the caller's write transaction: the ids of the changes written."""
+        return {change.after.id for change in changes
+                if self._sqlite_compare_and_set(conn, change)}
 
     @staticmethod
     def _sqlite_compare_and_set(conn: Connection, change: Change) -> bool:
@@ -586,29 +746,28 @@ class SqlAlchemyJobStore:
                                      "event_seq": written["history_length"]})
         return True
 
+    @staticmethod
+    def _sqlite_claim(conn: Connection, params: dict[str, Any]) -> Sequence[sa.RowMapping]:
+        """SQLite, inside the caller's write transaction: take due jobs, log each claim."""
+        rows = conn.execute(_SQLITE_CLAIM, params).mappings().all()
+        if rows:
+            conn.execute(_INSERT_EVENT, [
+                {**params, "event_job_id": row["id"], "event_seq": row["history_length"],
+                 "event_attempt": row["attempts"]} for row in rows])
+        return rows
+
     def claim(self, *, worker_id: str, limit: int, now: datetime,
               lease_seconds: float) -> list[Claim]:
         if limit < 1:
             return []
-        expires = now + timedelta(seconds=lease_seconds)
-        params = {"now": now, "limit": limit, "worker_id": worker_id,
-                  "lease_expires_at": expires, "claimed_status": JobStatus.QUICK_RUNNING,
-                  "event_event": Event.CLAIM, "event_from_status": JobStatus.QUEUED,
-                  "event_to_status": JobStatus.QUICK_RUNNING, "event_at": now,
-                  "event_worker_id": worker_id,
-                  "event_detail": {"lease_expires_at": expires.isoformat()}}
+        params = _claim_params(worker_id=worker_id, limit=limit, now=now,
+                               lease_seconds=lease_seconds)
         with _driver_errors("claim"), self._transactions.write() as conn:
             if self._postgres:
                 rows = conn.execute(_POSTGRES_CLAIM, params).mappings().all()
             else:
-                rows = conn.execute(_SQLITE_CLAIM, params).mappings().all()
-                if rows:
-                    conn.execute(_INSERT_EVENT, [
-                        {**params, "event_job_id": row["id"], "event_seq": row["history_length"],
-                         "event_attempt": row["attempts"]} for row in rows])
-        claimed = sorted((_job_from_row(row) for row in rows), key=lambda j: (j.run_at, j.id))
-        return [Claim(job=job, token=job.lease_token) for job in claimed
-                if job.lease_token is not None]
+                rows = self._sqlite_claim(conn, params)
+        return _claims(rows)
 
     # -- reads -------------------------------------------------------------------------
 
