@@ -49,8 +49,10 @@ def generic_plan_of(engine: sa.Engine, statement: Statement, *, seqscan: bool = 
         conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
         conn.exec_driver_sql(f"PREPARE scan AS {numbered}")
         plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN EXECUTE scan({arguments})").scalars())
+        # Prepared statements outlive transactions; psycopg's rollback may also
+        # deallocate them all, so let go of this one before rolling back.
+        conn.exec_driver_sql("DEALLOCATE scan")
         conn.rollback()
-        conn.exec_driver_sql("DEALLOCATE scan")  # prepared statements outlive transactions
     return plan
 
 
