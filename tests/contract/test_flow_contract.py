@@ -296,6 +296,20 @@ def test_succeed_and_claim_finishes_what_is_held_and_takes_more(
     assert [job.status for job in finished] == [JobStatus.DONE] * 3 and none_left == []
 
 
+def test_a_batch_keeps_each_result_exactly_as_given(
+        flow: JobFlow, objects: InMemoryObjectStore) -> None:
+    """Results Python calls equal but JSON does not ({"n": 1} and {"n": True})
+    are each stored as given, as are results shared by the whole batch."""
+    for _ in range(4):
+        queued_job(flow, objects)
+    claims = flow.claim("w1", limit=4)
+    results = [{"n": 1}, {"n": True}, {"n": 1}, {"n": 1}]
+    flow.succeed_many(list(zip(claims, results, strict=True)))
+    stored = [flow.get(claim.job.id).result for claim in claims]
+    assert stored == results
+    assert [type(result["n"]) for result in stored if result] == [int, bool, int, int]
+
+
 def test_each_transition_logs_one_line_with_its_context(
         store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     flow = JobFlow(store=store, objects=objects, clock=clock, policy=POLICY)

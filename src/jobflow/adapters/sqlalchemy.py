@@ -173,12 +173,19 @@ def _change_records(changes: Sequence[Change]) -> tuple[_BatchShape, dict[str, A
     params: dict[str, Any] = {}
     varying = set()
     for (name, _), values in zip(_batch_fields(columns), zip(*rows, strict=True), strict=True):
+        texts = None
         first = values[0]
-        if name == "job_id" or any(value is not first and value != first for value in values):
-            varying.add(name)
-            params[f"batch_{name}"] = [_as_text(value) for value in values]
+        if isinstance(first, dict | list):  # {"n": 1} == {"n": True}, yet they differ
+            texts = [_as_text(value) for value in values]
+            same = all(text == texts[0] for text in texts)
         else:
-            params[f"batch_{name}"] = _as_text(first)
+            same = all(value is first or (type(value) is type(first) and value == first)
+                       for value in values)
+        if name == "job_id" or not same:
+            varying.add(name)
+            params[f"batch_{name}"] = texts or [_as_text(value) for value in values]
+        else:
+            params[f"batch_{name}"] = texts[0] if texts else _as_text(first)
     return _BatchShape(columns, frozenset(varying)), params
 
 
@@ -321,10 +328,10 @@ def _notify_if_queued(logged: sa.CTE) -> sa.ColumnElement[Any]:
                     sa.cast(_notify(logged.c.job_id), sa.Text)))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _postgres_commit_many(shape: _BatchShape) -> sa.Select[Any]:
     """PostgreSQL, one statement: the batch write, and a NOTIFY for every job
-    the batch makes ``queued``. One statement per set of written columns."""
+    the batch makes ``queued``. One statement per shape of batch."""
     logged = _postgres_batch_write(shape)
     return sa.select(logged.c.job_id, _notify_if_queued(logged))
 
@@ -376,7 +383,7 @@ def _postgres_claim() -> sa.Select[Any]:
     return sa.select(claimed).add_cte(claim_logged)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _postgres_commit_and_claim(shape: _BatchShape) -> sa.CompoundSelect[Any]:
     """PostgreSQL, one statement: the batch write of :func:`_postgres_commit_many`
     and a claim. Each claimed job is one row (``written`` NULL); one more row
