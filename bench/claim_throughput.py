@@ -32,8 +32,8 @@ from bench.pgserver import PostgresServer
 from bench.tables import machine_summary, markdown_table, median, percentile, rate, ratio
 
 JOBFLOW = "jobflow"
-RAW_BATCH = "raw SQL"
-RAW_EACH = "raw SQL, finish each"
+RAW = "raw SQL"
+RAW_APART = "raw SQL, two statements"
 PGQUEUER = "pgqueuer"
 PROCRASTINATE = "procrastinate"
 
@@ -87,11 +87,10 @@ def _jobflow_done(conninfo: str) -> int:
 CONTENDERS: tuple[Contender, ...] = (
     Contender(JOBFLOW, "bench_jobflow", tool_jobflow.drain, jobflow_seed.reset, _seed_jobflow,
               _jobflow_done),
-    Contender(RAW_BATCH, "bench_jobflow", raw_sql.drain, jobflow_seed.reset, _seed_jobflow,
-              _jobflow_done, settings={"finish": "batch"}),
-    # At batch size 1 "finish each" is the same statements as the line above.
-    Contender(RAW_EACH, "bench_jobflow", raw_sql.drain, jobflow_seed.reset, _seed_jobflow,
-              _jobflow_done, batches=frozenset({10, 100}), settings={"finish": "each"}),
+    Contender(RAW, "bench_jobflow", raw_sql.drain, jobflow_seed.reset, _seed_jobflow,
+              _jobflow_done, settings={"finish": "with the next claim"}),
+    Contender(RAW_APART, "bench_jobflow", raw_sql.drain, jobflow_seed.reset, _seed_jobflow,
+              _jobflow_done, settings={"finish": "separately"}),
     Contender(PGQUEUER, "bench_pgqueuer", tool_pgqueuer.drain, tool_pgqueuer.reset,
               tool_pgqueuer.seed, tool_pgqueuer.finished),
     Contender(PROCRASTINATE, "bench_procrastinate", tool_procrastinate.drain,
@@ -177,8 +176,8 @@ def _rates(measured: Measured) -> dict[tuple[str, int, int], float]:
 
 
 def throughput_table(plan: Plan, measured: Measured) -> str:
-    headers = ["workers", "batch", JOBFLOW, RAW_BATCH, RAW_EACH, PGQUEUER, PROCRASTINATE,
-               "jobflow / raw", "jobflow / raw each", "jobflow / pgqueuer",
+    headers = ["workers", "batch", JOBFLOW, RAW, RAW_APART, PGQUEUER, PROCRASTINATE,
+               "jobflow / raw", "jobflow / raw, two statements", "jobflow / pgqueuer",
                "jobflow / procrastinate"]
     rates = _rates(measured)
     rows = []
@@ -190,9 +189,9 @@ def throughput_table(plan: Plan, measured: Measured) -> str:
 
             ours = get(JOBFLOW)
             rows.append([
-                str(workers), str(batch), rate(ours), rate(get(RAW_BATCH)), rate(get(RAW_EACH)),
+                str(workers), str(batch), rate(ours), rate(get(RAW)), rate(get(RAW_APART)),
                 rate(get(PGQUEUER)), rate(get(PROCRASTINATE)),
-                ratio(ours, get(RAW_BATCH)), ratio(ours, get(RAW_EACH)),
+                ratio(ours, get(RAW)), ratio(ours, get(RAW_APART)),
                 ratio(ours, get(PGQUEUER)), ratio(ours, procrastinate),
             ])
     return markdown_table(headers, rows)
@@ -218,7 +217,7 @@ def verdicts(plan: Plan, measured: Measured) -> list[str]:
         (f"jobflow >= {TARGET_VS_PGQUEUER:g}x pgqueuer (same workers and batch)",
          TARGET_VS_PGQUEUER, lambda workers, batch: rates.get((PGQUEUER, workers, batch))),
         (f"jobflow >= {TARGET_VS_RAW:.0%} of raw SQL (same workers and batch)",
-         TARGET_VS_RAW, lambda workers, batch: rates.get((RAW_BATCH, workers, batch))),
+         TARGET_VS_RAW, lambda workers, batch: rates.get((RAW, workers, batch))),
     ]
     for label, target, peer_of in checks:
         met, missed = [], []
@@ -241,15 +240,15 @@ def verdicts(plan: Plan, measured: Measured) -> list[str]:
 
 @dataclass(frozen=True)
 class CallCosts:
-    """Client-side medians of one worker's calls at one batch size, in milliseconds."""
+    """Client-side medians of one worker's calls at one batch size, in ms per call."""
 
     batch: int
-    jobflow_claim: float  # per JobFlow.claim call
-    raw_claim: float  # per raw claim statement
-    jobflow_succeed: float  # per JobFlow.succeed call (one job)
-    jobflow_succeed_many: float  # per job, when one JobFlow.succeed_many finishes the batch
-    raw_finish_each: float  # per raw finish statement of one job
-    raw_finish_batched: float  # per job, when one statement finishes the whole batch
+    jobflow_claim: float  # JobFlow.claim
+    raw_claim: float  # the raw claim statement
+    jobflow_finish: float  # JobFlow.succeed_many of the claimed batch
+    raw_finish: float  # the raw statement finishing the batch
+    jobflow_together: float  # JobFlow.succeed_and_claim: finish the batch, claim the next
+    raw_together: float  # the raw statement doing the same
 
 
 def _timed(into: list[float], function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -261,60 +260,59 @@ def _timed(into: list[float], function: Callable[..., Any], *args: Any, **kwargs
 
 
 def call_costs(server: PostgresServer, plan: Plan) -> list[CallCosts]:
-    """Where one worker's time goes: jobflow's calls beside the raw statements."""
+    """Where one worker's time goes: jobflow's calls beside the raw statements.
+
+    Each batch size drains the queue twice per side: claim then finish as two
+    calls, then finish-and-claim as one (full batches only)."""
     conninfo = server.conninfo("bench_jobflow")
     tool_jobflow.quiet_logging()
     flow = tool_jobflow.make_flow(server.sqlalchemy_url("bench_jobflow"))
+
+    def jobflow_finish(claims: list[Any]) -> Any:
+        return flow.succeed_many([(claim, None) for claim in claims])
+
+    def jobflow_together(claims: list[Any]) -> Any:
+        return flow.succeed_and_claim([(claim, None) for claim in claims], "cost",
+                                      limit=len(claims))[1]
+
     costs = []
-    for batch in plan.batches:
-        jobs = max(plan.cost_jobs, 10 * batch)
-        jobflow_seed.reset(conninfo)
-        _seed_jobflow(conninfo, jobs)
-        claim_ms: list[float] = []
-        succeed_ms: list[float] = []
-        while claims := _timed(claim_ms, flow.claim, "cost", limit=batch):
-            for claim in claims:
-                _timed(succeed_ms, flow.succeed, claim)
-        claim_ms.pop()  # the last claim found nothing
-        succeed_many_ms: list[float] = []
-        jobflow_seed.reset(conninfo)
-        _seed_jobflow(conninfo, jobs)
-        while claims := flow.claim("cost", limit=batch):
-            whole_batch: list[float] = []
-            _timed(whole_batch, flow.succeed_many, [(claim, None) for claim in claims])
-            succeed_many_ms.append(whole_batch[0] / len(claims))
-        raw_claim_ms: list[float] = []
-        each_ms: list[float] = []
-        batched_ms: list[float] = []
-        with psycopg.connect(conninfo, autocommit=True) as connection:
-            for finish_each in (True, False):
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        sides: dict[str, tuple[Callable[[int], list[Any]], Callable[[list[Any]], Any],
+                               Callable[[list[Any]], list[Any]]]] = {
+            "jobflow": (lambda batch: flow.claim("cost", limit=batch), jobflow_finish,
+                        jobflow_together),
+            "raw": (lambda batch: raw_sql.claim(connection, batch, "cost"),
+                    lambda held: raw_sql.finish(connection, held, "cost"),
+                    lambda held: raw_sql.claim(connection, len(held), "cost", finishing=held)),
+        }
+        for batch in plan.batches:
+            medians: dict[str, float] = {}
+            for side, (claim, finish, together) in sides.items():
+                timings: dict[str, list[float]] = {"claim": [], "finish": [], "together": []}
                 jobflow_seed.reset(conninfo)
-                _seed_jobflow(conninfo, jobs)
-                while held := _timed(raw_claim_ms, raw_sql.claim, connection, batch, "cost"):
-                    if finish_each:
-                        for job in held:
-                            _timed(each_ms, raw_sql.finish, connection, [job], "cost")
-                    else:
-                        whole: list[float] = []
-                        _timed(whole, raw_sql.finish, connection, held, "cost")
-                        batched_ms.append(whole[0] / len(held))
-                raw_claim_ms.pop()  # the last claim found nothing
-        costs.append(CallCosts(batch, median(claim_ms), median(raw_claim_ms),
-                               median(succeed_ms), median(succeed_many_ms), median(each_ms),
-                               median(batched_ms)))
+                _seed_jobflow(conninfo, max(plan.cost_jobs, 10 * batch))
+                while held := _timed(timings["claim"], claim, batch):
+                    _timed(timings["finish"], finish, held)
+                timings["claim"].pop()  # the last claim found nothing
+                jobflow_seed.reset(conninfo)
+                _seed_jobflow(conninfo, max(plan.cost_jobs, 10 * batch))
+                held = claim(batch)
+                while len(held) == batch:
+                    held = _timed(timings["together"], together, held)
+                medians.update({f"{side}_{name}": median(values)
+                                for name, values in timings.items()})
+            costs.append(CallCosts(batch=batch, **medians))
     flow.store.engine.dispose()  # type: ignore[attr-defined]
     return costs
 
 
 def call_costs_table(costs: list[CallCosts]) -> str:
-    rows = [[str(c.batch), f"{c.jobflow_claim:.2f}", f"{c.raw_claim:.2f}",
-             f"{c.jobflow_succeed:.2f}", f"{c.jobflow_succeed_many:.3f}",
-             f"{c.raw_finish_each:.2f}",
-             f"{c.raw_finish_batched:.3f}"] for c in costs]
-    return markdown_table(["batch", "jobflow claim, ms/call", "raw claim, ms/call",
-                           "jobflow succeed, ms/job", "jobflow succeed_many, ms/job",
-                           "raw finish one, ms/job",
-                           "raw finish batched, ms/job"], rows)
+    rows = [[str(c.batch), *(f"{value:.2f}" for value in (
+        c.jobflow_claim, c.raw_claim, c.jobflow_finish, c.raw_finish, c.jobflow_together,
+        c.raw_together))] for c in costs]
+    return markdown_table(["batch", "jobflow claim", "raw claim", "jobflow succeed_many",
+                           "raw finish", "jobflow succeed_and_claim", "raw finish and claim"],
+                          rows)
 
 
 # -- claim latency with many finished jobs ----------------------------------------------------
@@ -477,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(statements_table(plan, measured))
     print()
-    print("Where one worker's time goes (client-side medians, one process, "
+    print("Where one worker's time goes (client-side medians in ms per call, one process, "
           "each statement its own transaction):")
     print()
     print(call_costs_table(costs))

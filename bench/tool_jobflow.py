@@ -1,7 +1,7 @@
 """jobflow's side of the benchmarks, through its public API only.
 
-``JobFlow.claim(worker_id, limit=batch)`` and ``JobFlow.succeed_many`` for the
-claimed batch (one finishing statement per batch) on a
+``JobFlow.claim(worker_id, limit=batch)``, then ``JobFlow.succeed_and_claim``
+(one statement finishes the batch held and claims the next) on a
 :class:`~jobflow.adapters.sqlalchemy.SqlAlchemyJobStore`, and a
 :class:`~jobflow.worker.Worker` for the wake-up figures. Log lines below
 WARNING are dropped, as the peers' are (their loggers are not configured).
@@ -57,15 +57,18 @@ def claim_statements(flow: JobFlow) -> list[tuple[str, Any]]:
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
-    """One worker process: claim ``batch`` jobs, finish them in one write, until none is left."""
+    """One worker process: claim ``batch`` jobs, then finish each batch and claim
+    the next in one call, until none is left."""
     quiet_logging()
     flow = make_flow(settings["sqlalchemy_url"])
     flow.counts()  # connect before the clock starts
     batch: int = settings["batch"]
     worker_id = f"bench-{settings['worker_index']}"
     wait_for_start()
-    while claims := flow.claim(worker_id, limit=batch):
-        flow.succeed_many([(claim, None) for claim in claims])
+    claims = flow.claim(worker_id, limit=batch)
+    while claims:
+        _, claims = flow.succeed_and_claim([(claim, None) for claim in claims], worker_id,
+                                           limit=batch)
 
 
 # -- wake-up latency ---------------------------------------------------------------------
