@@ -201,8 +201,10 @@ class FlowOptions:
     store: StoreSettings
     policy: UploadPolicy
 
-    def open(self) -> JobFlow:
-        return open_flow(self.store, self.policy)
+    def open(self, *, create: bool = True) -> JobFlow:
+        """The JobFlow; with ``create=False`` (commands about jobs that must
+        exist already) a missing SQLite file is an error, not a new database."""
+        return open_flow(self.store, self.policy, create=create)
 
 
 def _store_settings(values: dict[str, Any]) -> StoreSettings:
@@ -472,7 +474,8 @@ def current(settings: StoreSettings) -> int:
 def status(options: FlowOptions, stuck_after: float, failed_window: float,
            max_stuck: int | None, max_failed: int | None, as_json: bool) -> int:
     """Jobs per status, stuck uploads and recent failures; can drive an alert."""
-    report = StatusReport.collect(options.open(), stuck_after=timedelta(minutes=stuck_after),
+    report = StatusReport.collect(options.open(create=False),
+                                  stuck_after=timedelta(minutes=stuck_after),
                                   failure_window=timedelta(minutes=failed_window))
     alerts = report.alerts(max_stuck=max_stuck, max_failed=max_failed)
     if as_json:
@@ -494,7 +497,7 @@ def reconcile(options: FlowOptions, as_json: bool) -> int:
     one past its deadline without a valid object fails as expired. Exits 5 when
     the object store could not be asked about some uploads.
     """
-    report = options.open().reconcile()
+    report = options.open(create=False).reconcile()
     if as_json:
         _print(dumps(attrs.asdict(report)))
     else:
@@ -508,7 +511,7 @@ def reconcile(options: FlowOptions, as_json: bool) -> int:
 @flow_options
 def show(options: FlowOptions, job_id: str, as_json: bool) -> int:
     """Print a job and its full history."""
-    flow = options.open()
+    flow = options.open(create=False)
     job = flow.get(job_id)
     history = flow.history(job.id)
     if as_json:
@@ -533,7 +536,7 @@ def _print_job(job: Job, as_json: bool, before: str | None = None) -> None:
 @flow_options
 def requeue(options: FlowOptions, job_id: str, as_json: bool) -> int:
     """Put a failed job back in the queue, after verifying its object again."""
-    flow = options.open()
+    flow = options.open(create=False)
     before = flow.get(job_id).status.value
     _print_job(flow.requeue(job_id), as_json, before)
     return ExitCode.OK
@@ -545,7 +548,7 @@ def requeue(options: FlowOptions, job_id: str, as_json: bool) -> int:
 @flow_options
 def cancel(options: FlowOptions, job_id: str, as_json: bool) -> int:
     """Fail a job that has not started (awaiting_upload or queued)."""
-    flow = options.open()
+    flow = options.open(create=False)
     before = flow.get(job_id).status.value
     _print_job(flow.cancel(job_id), as_json, before)
     return ExitCode.OK

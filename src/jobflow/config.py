@@ -138,10 +138,31 @@ def ensure_schema(engine: Engine) -> None:
         "run `jobflow db upgrade`")
 
 
-def open_job_store(settings: StoreSettings) -> SqlAlchemyJobStore:
+def _missing_sqlite_file(engine: Engine) -> Path | None:
+    """The file of a SQLite database that does not exist yet, or None."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:" or (
+            engine.url.query.get("mode") == "memory"):
+        return None
+    path = Path(database)
+    return None if path.exists() else path
+
+
+def open_job_store(settings: StoreSettings, *, create: bool = True) -> SqlAlchemyJobStore:
+    """The job store the settings describe, its schema checked (SQLite: created).
+
+    With ``create=False`` a SQLite file that does not exist yet is a
+    :class:`ConfigurationError` instead of a new, empty database.
+    """
     from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 
     engine = make_engine(settings.resolved_database_url())
+    missing = None if create else _missing_sqlite_file(engine)
+    if missing is not None:
+        raise ConfigurationError(
+            f"no jobflow database at {missing}: nothing has created jobs here yet "
+            "(a worker, `jobflow upload` or `jobflow db upgrade` creates it; "
+            "--database-url points elsewhere)")
     ensure_schema(engine)
     return SqlAlchemyJobStore(engine)
 
@@ -163,7 +184,8 @@ def open_object_store(settings: StoreSettings) -> ObjectStore:
 
 
 def open_flow(settings: StoreSettings, policy: UploadPolicy,
-              clock: Callable[[], datetime] | None = None) -> JobFlow:
-    """The JobFlow the settings describe, its schema checked (or, on SQLite, created)."""
-    return JobFlow(store=open_job_store(settings), objects=open_object_store(settings),
-                   policy=policy, clock=clock)
+              clock: Callable[[], datetime] | None = None, *, create: bool = True) -> JobFlow:
+    """The JobFlow the settings describe, its schema checked (or, on SQLite,
+    created unless ``create=False``: see :func:`open_job_store`)."""
+    return JobFlow(store=open_job_store(settings, create=create),
+                   objects=open_object_store(settings), policy=policy, clock=clock)
