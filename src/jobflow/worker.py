@@ -417,7 +417,24 @@ class Worker:
             return
         attempt.log.info("handler.finished", outcome="succeeded",
                          duration_ms=_elapsed_ms(started))
-        self._write(attempt, "succeed", lambda: self.flow.succeed(attempt.claim, checked))
+        self._write(attempt, "succeed", lambda: self._succeed_and_take_next(attempt, checked))
+
+    def _succeed_and_take_next(self, attempt: _Attempt, result: JSONDict) -> Job:
+        """Finish the job and, in the same write (one commit), claim the next
+        one for the slot it frees; while stopping, only finish."""
+        if self._stopping.is_set():
+            return self.flow.succeed(attempt.claim, result)
+        [outcome], claims = self.flow.succeed_and_claim(
+            [(attempt.claim, result)], self.worker_id, limit=1,
+            lease_seconds=self.lease_seconds)
+        for claim in claims:
+            if self._stopping.is_set():  # stopped meanwhile: hand it straight back
+                self._hand_back(claim)
+            else:
+                self._start(claim)
+        if isinstance(outcome, LeaseLost):
+            raise outcome
+        return outcome
 
     def _finish_failed(self, attempt: _Attempt, exc: BaseException, started: float, *,
                        retryable: bool, error_code: str | None = None) -> None:
@@ -575,6 +592,15 @@ class Worker:
             if self._release(attempt) is not None:
                 released += 1
         return released
+
+    def _hand_back(self, claim: Claim) -> None:
+        """Release a job claimed as the worker was stopping, before it ran; if
+        that fails, its lease expires and ``reconcile`` rescues it."""
+        try:
+            self.flow.release(claim, reason="worker shutting down")
+        except JobflowError as exc:
+            self._log.warning("job.release_failed", job_id=claim.job.id,
+                              error=error_message(exc))
 
     def _release(self, attempt: _Attempt) -> Job | None:
         return self._write(attempt, "release", lambda: self.flow.release(
