@@ -326,10 +326,10 @@ class JobFlow:
         (one statement and one commit on PostgreSQL instead of two).
 
         The loop of a worker that finishes what it holds and takes more:
-        ``outcomes, claims = flow.succeed_and_claim(outcomes_pairs, worker_id,
-        limit=n)``. ``outcomes`` is what :meth:`succeed_many` would return,
-        ``claims`` what :meth:`claim` would. If the store fails, neither the
-        finishing writes nor the claim happened.
+        ``outcomes, claims = flow.succeed_and_claim([(claim, result), ...],
+        worker_id, limit=n)``. ``outcomes`` is what :meth:`succeed_many` would
+        return, ``claims`` what :meth:`claim` would. If the store fails,
+        neither the finishing writes nor the claim happened.
         """
         worker_id, lease = self._claim_args(worker_id, limit, lease_seconds)
         batch = _SucceededBatch(self, finished)
