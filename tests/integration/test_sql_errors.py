@@ -13,7 +13,7 @@ import attrs
 import pytest
 import sqlalchemy as sa
 
-from jobflow import JobFlow, JobStatus
+from jobflow import Job, JobFlow, JobStatus
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 from jobflow.errors import (
@@ -103,6 +103,35 @@ def test_a_locked_sqlite_database_is_storage_unavailable_until_released(
             conn.rollback()
         flow.initiate_upload("alice", content_type="video/mp4")
         assert flow.counts()[JobStatus.AWAITING_UPLOAD] == 1
+    finally:
+        engine.dispose()
+        other_writer.dispose()
+
+
+def test_a_succeed_and_claim_that_fails_writes_neither_part(
+        sqlite_template: Path, tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    path.write_bytes(sqlite_template.read_bytes())
+    engine = sa.create_engine(f"sqlite:///{path}")
+    other_writer = sa.create_engine(f"sqlite:///{path}")
+    try:
+        objects = InMemoryObjectStore()
+        flow = flow_on(SqlAlchemyJobStore(engine, busy_timeout_seconds=0.05), objects)
+        for _ in range(2):
+            ticket = flow.initiate_upload("alice", content_type="video/mp4")
+            objects.put(ticket.key, b"0123456789", content_type="video/mp4")
+            flow.complete_upload(ticket.job_id)
+        [held] = flow.claim("w1")
+        with other_writer.connect() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            with pytest.raises(StorageUnavailable, match="database is locked"):
+                flow.succeed_and_claim([(held, None)], "w1")
+            conn.rollback()
+        assert flow.get(held.job.id) == held.job, "the finish was not written"
+        assert flow.counts()[JobStatus.QUEUED] == 1, "nor was the claim"
+        [done], [taken] = flow.succeed_and_claim([(held, None)], "w1")
+        assert isinstance(done, Job) and done.status is JobStatus.DONE
+        assert taken.job.status is JobStatus.QUICK_RUNNING and taken.job.id != held.job.id
     finally:
         engine.dispose()
         other_writer.dispose()
