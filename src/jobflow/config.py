@@ -138,27 +138,17 @@ def ensure_schema(engine: Engine) -> None:
         "run `jobflow db upgrade`")
 
 
-def _missing_sqlite_file(engine: Engine) -> Path | None:
-    """The file of a SQLite database that does not exist yet, or None."""
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:" or (
-            engine.url.query.get("mode") == "memory"):
-        return None
-    path = Path(database)
-    return None if path.exists() else path
-
-
 def open_job_store(settings: StoreSettings, *, create: bool = True) -> SqlAlchemyJobStore:
     """The job store the settings describe, its schema checked (SQLite: created).
 
     With ``create=False`` a SQLite file that does not exist yet is a
     :class:`ConfigurationError` instead of a new, empty database.
     """
-    from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
+    from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore, sqlite_file
 
     engine = make_engine(settings.resolved_database_url())
-    missing = None if create else _missing_sqlite_file(engine)
-    if missing is not None:
+    missing = None if create else sqlite_file(engine)
+    if missing is not None and not missing.exists():
         raise ConfigurationError(
             f"no jobflow database at {missing}: nothing has created jobs here yet "
             "(a worker, `jobflow upload` or `jobflow db upgrade` creates it; "

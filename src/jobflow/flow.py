@@ -431,9 +431,7 @@ class _SucceededBatch:
         now = flow.now()  # one write, one instant
         for index, (claim, result) in enumerate(self._pairs):
             try:
-                self._decided.append((index, states.apply(claim.job, Event.SUCCEED, states.Evidence(
-                    now=now, policy=flow.policy, token=claim.token,
-                    worker_id=claim.job.lease_owner, result=result))))
+                self._decided.append((index, self._decide(claim, result, now)(claim.job)))
             except LeaseLost as lost:
                 self._outcomes[index] = lost
 
@@ -441,11 +439,14 @@ class _SucceededBatch:
     def changes(self) -> list[Change]:
         return [change for _, change in self._decided]
 
-    def _decide(self, claim: Claim, result: JSONDict) -> Callable[[Job], Change]:
-        """How a retry after a lost race decides, on a fresh read and a fresh clock."""
+    def _decide(self, claim: Claim, result: JSONDict,
+                now: datetime | None = None) -> Callable[[Job], Change]:
+        """``succeed`` for ``claim``, at ``now`` (default: the flow's clock, read
+        when deciding, as a retry after a lost race does)."""
         flow = self._flow
-        return lambda job: states.apply(job, Event.SUCCEED, flow._evidence(
-            token=claim.token, worker_id=claim.job.lease_owner, result=result))
+        return lambda job: states.apply(job, Event.SUCCEED, states.Evidence(
+            now=now or flow.now(), policy=flow.policy, token=claim.token,
+            worker_id=claim.job.lease_owner, result=result))
 
     def settle(self, written: Sequence[Job | None]) -> list[Job | LeaseLost]:
         """The outcomes, in the order of the pairs, once the store wrote ``written``."""

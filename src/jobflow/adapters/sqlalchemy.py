@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
@@ -148,10 +149,10 @@ def _batch_values(change: Change, columns: tuple[str, ...]) -> list[object]:
     """``change``'s values for the fields of :func:`_batch_fields`, in their order."""
     before, after = change.before, change.after
     assert before is not None
-    record = change.record(seq=0)
+    event = _event_params(change)
     return [after.id, *(getattr(after, _FIELD_OF_COLUMN.get(name, name)) for name in columns),
-            record.event, record.from_status, record.to_status, record.at, record.worker_id,
-            record.attempt, record.detail, before.status, before.lease_token]
+            *(event[f"event_{name}"] for name in _EVENT_COLUMNS),
+            before.status, before.lease_token]
 
 
 @attrs.frozen
@@ -504,15 +505,23 @@ def _sqlite_in_transaction(conn: Connection) -> bool:
     return bool(getattr(conn.connection.dbapi_connection, "in_transaction", False))
 
 
+def sqlite_file(engine: Engine) -> Path | None:
+    """The file of a SQLite engine's database; None for an in-memory database
+    or another dialect."""
+    database = engine.url.database or ""
+    if engine.dialect.name != "sqlite" or database in ("", ":memory:") or (
+            "mode=memory" in str(engine.url)):
+        return None
+    return Path(database)
+
+
 class _SQLiteSetup:
     """Per-connection SQLite settings, applied once to each pooled connection."""
 
     _DONE = "jobflow_sqlite_ready"
 
     def __init__(self, engine: Engine, busy_timeout_seconds: float) -> None:
-        database = engine.url.database or ""
-        self.file_backed = database not in ("", ":memory:") and "mode=memory" not in str(
-            engine.url)
+        self.file_backed = sqlite_file(engine) is not None
         self.busy_timeout_ms = int(busy_timeout_seconds * 1000)
 
     def prepare(self, conn: Connection) -> None:
@@ -820,4 +829,4 @@ class SqlAlchemyJobStore:
         return counts
 
 
-__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "SqlAlchemyJobStore"]
+__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "SqlAlchemyJobStore", "sqlite_file"]
