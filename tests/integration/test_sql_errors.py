@@ -86,55 +86,52 @@ def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(
     assert flow.get(job_id).status is JobStatus.AWAITING_UPLOAD
 
 
-def test_a_locked_sqlite_database_is_storage_unavailable_until_released(
-        sqlite_template: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def sqlite_engines(sqlite_template: Path, tmp_path: Path) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """Two engines on one migrated SQLite file: jobflow's, and another writer's."""
     path = tmp_path / "jobs.sqlite3"
     path.write_bytes(sqlite_template.read_bytes())
     engine = sa.create_engine(f"sqlite:///{path}")
     other_writer = sa.create_engine(f"sqlite:///{path}")
-    try:
-        flow = flow_on(SqlAlchemyJobStore(engine, busy_timeout_seconds=0.05),
-                       InMemoryObjectStore())
-        with other_writer.connect() as conn:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-            with pytest.raises(StorageUnavailable, match="database is locked"):
-                flow.initiate_upload("alice", content_type="video/mp4")
-            assert flow.counts()[JobStatus.AWAITING_UPLOAD] == 0  # readers are not blocked
-            conn.rollback()
-        flow.initiate_upload("alice", content_type="video/mp4")
-        assert flow.counts()[JobStatus.AWAITING_UPLOAD] == 1
-    finally:
-        engine.dispose()
-        other_writer.dispose()
+    yield engine, other_writer
+    engine.dispose()
+    other_writer.dispose()
+
+
+def test_a_locked_sqlite_database_is_storage_unavailable_until_released(
+        sqlite_engines: tuple[sa.Engine, sa.Engine]) -> None:
+    engine, other_writer = sqlite_engines
+    flow = flow_on(SqlAlchemyJobStore(engine, busy_timeout_seconds=0.05), InMemoryObjectStore())
+    with other_writer.connect() as conn:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        with pytest.raises(StorageUnavailable, match="database is locked"):
+            flow.initiate_upload("alice", content_type="video/mp4")
+        assert flow.counts()[JobStatus.AWAITING_UPLOAD] == 0  # readers are not blocked
+        conn.rollback()
+    flow.initiate_upload("alice", content_type="video/mp4")
+    assert flow.counts()[JobStatus.AWAITING_UPLOAD] == 1
 
 
 def test_a_succeed_and_claim_that_fails_writes_neither_part(
-        sqlite_template: Path, tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite3"
-    path.write_bytes(sqlite_template.read_bytes())
-    engine = sa.create_engine(f"sqlite:///{path}")
-    other_writer = sa.create_engine(f"sqlite:///{path}")
-    try:
-        objects = InMemoryObjectStore()
-        flow = flow_on(SqlAlchemyJobStore(engine, busy_timeout_seconds=0.05), objects)
-        for _ in range(2):
-            ticket = flow.initiate_upload("alice", content_type="video/mp4")
-            objects.put(ticket.key, b"0123456789", content_type="video/mp4")
-            flow.complete_upload(ticket.job_id)
-        [held] = flow.claim("w1")
-        with other_writer.connect() as conn:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-            with pytest.raises(StorageUnavailable, match="database is locked"):
-                flow.succeed_and_claim([(held, None)], "w1")
-            conn.rollback()
-        assert flow.get(held.job.id) == held.job, "the finish was not written"
-        assert flow.counts()[JobStatus.QUEUED] == 1, "nor was the claim"
-        [done], [taken] = flow.succeed_and_claim([(held, None)], "w1")
-        assert isinstance(done, Job) and done.status is JobStatus.DONE
-        assert taken.job.status is JobStatus.QUICK_RUNNING and taken.job.id != held.job.id
-    finally:
-        engine.dispose()
-        other_writer.dispose()
+        sqlite_engines: tuple[sa.Engine, sa.Engine]) -> None:
+    engine, other_writer = sqlite_engines
+    objects = InMemoryObjectStore()
+    flow = flow_on(SqlAlchemyJobStore(engine, busy_timeout_seconds=0.05), objects)
+    for _ in range(2):
+        ticket = flow.initiate_upload("alice", content_type="video/mp4")
+        objects.put(ticket.key, b"0123456789", content_type="video/mp4")
+        flow.complete_upload(ticket.job_id)
+    [held] = flow.claim("w1")
+    with other_writer.connect() as conn:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        with pytest.raises(StorageUnavailable, match="database is locked"):
+            flow.succeed_and_claim([(held, None)], "w1")
+        conn.rollback()
+    assert flow.get(held.job.id) == held.job, "the finish was not written"
+    assert flow.counts()[JobStatus.QUEUED] == 1, "nor was the claim"
+    [done], [taken] = flow.succeed_and_claim([(held, None)], "w1")
+    assert isinstance(done, Job) and done.status is JobStatus.DONE
+    assert taken.job.status is JobStatus.QUICK_RUNNING and taken.job.id != held.job.id
 
 
 def test_a_database_without_jobflow_tables_is_a_configuration_error(
