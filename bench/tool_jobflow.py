@@ -2,7 +2,9 @@
 
 ``JobFlow.claim(worker_id, limit=batch)``, then ``JobFlow.succeed_and_claim``
 (one statement finishes the batch held and claims the next) on a
-:class:`~jobflow.adapters.sqlalchemy.SqlAlchemyJobStore`, and a
+:class:`~jobflow.adapters.sqlalchemy.SqlAlchemyJobStore`, in one claim loop
+per worker process or in several (threads sharing one JobFlow, each call on
+its own pooled connection), and a
 :class:`~jobflow.worker.Worker` for the wake-up figures. Log lines below
 WARNING are dropped, as the peers' are (their loggers are not configured).
 """
@@ -13,6 +15,7 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,9 @@ def quiet_logging() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
-def make_flow(sqlalchemy_url: str, objects: ObjectStore | None = None) -> JobFlow:
-    engine = sa.create_engine(sqlalchemy_url, pool_size=2)
+def make_flow(sqlalchemy_url: str, objects: ObjectStore | None = None, *,
+              pool_size: int = 2) -> JobFlow:
+    engine = sa.create_engine(sqlalchemy_url, pool_size=pool_size)
     return JobFlow(store=SqlAlchemyJobStore(engine), objects=objects or InMemoryObjectStore())
 
 
@@ -57,18 +61,32 @@ def claim_statements(flow: JobFlow) -> list[tuple[str, Any]]:
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
-    """One worker process: claim ``batch`` jobs, then finish each batch and claim
+    """One worker process: ``settings["loops"]`` threads (default 1) sharing one
+    JobFlow, each claiming ``batch`` jobs, then finishing each batch and claiming
     the next in one call, until none is left."""
     quiet_logging()
-    flow = make_flow(settings["sqlalchemy_url"])
-    flow.counts()  # connect before the clock starts
+    loops: int = settings.get("loops", 1)
+    flow = make_flow(settings["sqlalchemy_url"], pool_size=max(loops, 2))
+    flow.counts()
+    # Open a connection per loop before the clock starts; the pool keeps them.
+    for connection in [flow.store.engine.connect() for _ in range(loops)]:  # type: ignore[attr-defined]
+        connection.close()
     batch: int = settings["batch"]
     worker_id = f"bench-{settings['worker_index']}"
+
+    def claim_until_empty() -> None:
+        claims = flow.claim(worker_id, limit=batch)
+        while claims:
+            _, claims = flow.succeed_and_claim([(claim, None) for claim in claims], worker_id,
+                                               limit=batch)
+
     wait_for_start()
-    claims = flow.claim(worker_id, limit=batch)
-    while claims:
-        _, claims = flow.succeed_and_claim([(claim, None) for claim in claims], worker_id,
-                                           limit=batch)
+    if loops == 1:
+        claim_until_empty()
+        return
+    with ThreadPoolExecutor(loops) as pool:
+        for running in [pool.submit(claim_until_empty) for _ in range(loops)]:
+            running.result()
 
 
 # -- wake-up latency ---------------------------------------------------------------------

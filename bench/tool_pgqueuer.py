@@ -1,8 +1,9 @@
 """pgqueuer's side of the benchmarks (its latest release, benchmark-only).
 
-Each worker process runs one ``QueueManager`` over an asyncpg connection
-(pgqueuer's own recommended driver) with ``batch_size`` jobs per dequeue, in
-``drain`` mode, so it stops once the queue is empty. pgqueuer batches its
+Each worker process runs one ``QueueManager`` (or, for the two-connection
+figures, two in one event loop) over an asyncpg connection each (pgqueuer's
+own recommended driver) with ``batch_size`` jobs per dequeue, in ``drain``
+mode, so it stops once the queue is empty. pgqueuer batches its
 finishing writes itself (a status-log buffer flushed every ``batch_size``
 jobs). Tables are installed with pgqueuer's default, durable (logged) tables.
 """
@@ -62,20 +63,29 @@ def finished(conninfo: str) -> int:
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
-    """One worker process: a QueueManager in drain mode."""
+    """One worker process: ``settings["managers"]`` QueueManagers (default 1), each
+    on its own connection, in drain mode, in one event loop."""
 
-    async def work() -> None:
-        connection = await asyncpg.connect(settings["dsn"])
+    def noop_manager(connection: asyncpg.Connection) -> QueueManager:
         manager = QueueManager(Queries(AsyncpgDriver(connection)))
 
         @manager.entrypoint(NOOP_ENTRYPOINT)
         async def noop(job: Job) -> None:
             return None
 
+        return manager
+
+    async def work() -> None:
+        connections = [await asyncpg.connect(settings["dsn"])
+                       for _ in range(settings.get("managers", 1))]
+        managers = [noop_manager(connection) for connection in connections]
         wait_for_start()
-        await manager.run(batch_size=settings["batch"], mode=QueueExecutionMode.drain,
-                          dequeue_timeout=timedelta(seconds=1))
-        await connection.close()
+        await asyncio.gather(*(manager.run(batch_size=settings["batch"],
+                                           mode=QueueExecutionMode.drain,
+                                           dequeue_timeout=timedelta(seconds=1))
+                               for manager in managers))
+        for connection in connections:
+            await connection.close()
 
     asyncio.run(work())
 
