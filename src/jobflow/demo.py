@@ -17,7 +17,10 @@ forgotten one, and the status and one job's history are printed.
 from __future__ import annotations
 
 import hashlib
+import shlex
+import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -47,6 +50,18 @@ _HEADER = struct.Struct(">I4s")
 
 def _box(kind: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(_HEADER.size + len(payload), kind) + payload
+
+
+def shell_command() -> str:
+    """How a shell runs this jobflow: ``jobflow`` when it is on PATH, else the
+    script installed beside this Python (a virtual environment not activated),
+    else ``python -m jobflow``."""
+    if shutil.which("jobflow"):
+        return "jobflow"
+    beside = Path(sys.executable).with_name("jobflow")
+    if beside.is_file():
+        return shlex.quote(str(beside))
+    return f"{shlex.quote(sys.executable)} -m jobflow"
 
 
 def minimal_mp4(duration_seconds: float, *, timescale: int = 1000,
@@ -216,7 +231,8 @@ class DemoRun:
         for line in history_lines(self.flow.history(shown), indent="   "):
             self.say(line)
         self.say()
-        self.say(f"Look around: cd {self.directory} && jobflow status")
+        self.say(f"Look around: cd {shlex.quote(str(self.directory.resolve()))} && "
+                 f"{shell_command()} status")
 
     def _upload(self, name: str, path: Path | None, *, complete: bool,
                 content_type: str = "video/mp4") -> None:

@@ -222,6 +222,14 @@ def test_demo_runs_in_an_empty_folder(sqlite_deployment: Deployment, tmp_path: P
     assert json.loads(status.stdout)["counts"] == {
         "awaiting_upload": 0, "queued": 0, "quick_running": 0, "done": 3, "failed": 3}
 
+    # The command the demo suggests runs as printed, from a shell.
+    [suggested] = [line.removeprefix("Look around: ") for line in out.splitlines()
+                   if line.startswith("Look around: ")]
+    looked = subprocess.run(suggested, shell=True, env={**sqlite_deployment.env, **env},
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert looked.returncode == 0, (suggested, looked.stderr)
+    assert "done             3" in looked.stdout
+
 
 def test_commands_about_existing_jobs_create_no_database(sqlite_deployment: Deployment,
                                                          tmp_path: Path) -> None:
