@@ -52,7 +52,7 @@ def _box(kind: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(_HEADER.size + len(payload), kind) + payload
 
 
-def shell_command() -> str:
+def _shell_command() -> str:
     """How a shell runs this jobflow: ``jobflow`` when it is on PATH, else the
     script installed beside this Python (a virtual environment not activated),
     else ``python -m jobflow``."""
@@ -232,7 +232,7 @@ class DemoRun:
             self.say(line)
         self.say()
         self.say(f"Look around: cd {shlex.quote(str(self.directory.resolve()))} && "
-                 f"{shell_command()} status")
+                 f"{_shell_command()} status")
 
     def _upload(self, name: str, path: Path | None, *, complete: bool,
                 content_type: str = "video/mp4") -> None:
