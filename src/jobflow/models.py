@@ -6,12 +6,13 @@ Everything here is immutable (frozen attrs) and free of I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
 
-from jobflow.errors import ConfigurationError
+from jobflow.errors import ConfigurationError, InvalidInput
 
 JSONDict = dict[str, Any]
 
@@ -233,6 +234,16 @@ class Change:
             attempt=self.after.attempts,
             detail=self.detail,
         )
+
+
+def check_batch(changes: Sequence[Change]) -> None:
+    """What every store refuses in a batch of changes, before writing any: a
+    change without the snapshot it was decided on, or two changes to one job."""
+    if any(change.before is None for change in changes):
+        raise InvalidInput("commit needs the snapshot each change was decided on")
+    job_ids = [change.after.id for change in changes]
+    if len(set(job_ids)) != len(job_ids):
+        raise InvalidInput("commit_many takes at most one change per job")
 
 
 @attrs.frozen

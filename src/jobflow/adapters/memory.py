@@ -31,6 +31,7 @@ from jobflow.models import (
     JobStatus,
     ObjectInfo,
     PresignedUpload,
+    check_batch,
 )
 
 
@@ -95,11 +96,7 @@ class InMemoryJobStore(_Outage):
             return self._compare_and_set(change)
 
     def commit_many(self, changes: Sequence[Change]) -> list[Job | None]:
-        job_ids = [change.after.id for change in changes]
-        if len(set(job_ids)) != len(job_ids):
-            raise InvalidInput("commit_many takes at most one change per job")
-        if any(change.before is None for change in changes):
-            raise InvalidInput("commit needs the snapshot each change was decided on")
+        check_batch(changes)
         with self._locked():
             return [self._compare_and_set(change) for change in changes]
 

@@ -8,9 +8,9 @@ one transaction:
   history row, numbered from the job row it locked. ``claim`` takes a batch of
   due jobs with ``FOR UPDATE SKIP LOCKED`` from the partial index of queued
   jobs, so concurrent claimers on many hosts never wait for, nor share, a job.
-  ``commit_many`` sends a whole batch of changes as one JSON parameter and
-  applies them in one statement, still a compare-and-set and a history row
-  per job.
+  ``commit_many`` sends a whole batch of changes as text values (one per
+  field the batch shares, one array per field that varies) and applies them
+  in one statement, still a compare-and-set and a history row per job.
   A write that makes a job ``queued`` also sends ``NOTIFY`` on
   :data:`NOTIFY_CHANNEL` (payload: the job id), delivered at commit.
 * On SQLite each write runs inside ``BEGIN IMMEDIATE`` (one writer at a time;
@@ -55,7 +55,7 @@ from jobflow.errors import (
     JobNotFound,
     StorageUnavailable,
 )
-from jobflow.models import Change, Claim, Event, Job, JobEvent, JobStatus
+from jobflow.models import Change, Claim, Event, Job, JobEvent, JobStatus, check_batch
 
 #: The PostgreSQL channel notified (payload: the job id) when a job becomes
 #: ``queued``. The job may still be due later (``run_at``); listeners should
@@ -198,18 +198,19 @@ def _canonical_job_id(job_id: str) -> str | None:
         return None
 
 
+def _check_same_job(change: Change) -> None:
+    """A change must write the job it was decided on."""
+    if change.before is not None and change.before.id != change.after.id:
+        raise InvalidInput(f"a change cannot turn job {change.before.id} "
+                           f"into job {change.after.id}")
+
+
 def _batch(changes: Sequence[Change]) -> list[Change]:
     """Check a batch of changes; the ones whose job id can name a job at all
     (a job id that is not a canonical UUID names no job: that change loses)."""
+    check_batch(changes)
     for change in changes:
-        if change.before is None:
-            raise InvalidInput("commit needs the snapshot each change was decided on")
-        if change.before.id != change.after.id:
-            raise InvalidInput(f"a change cannot turn job {change.before.id} "
-                               f"into job {change.after.id}")
-    job_ids = [change.after.id for change in changes]
-    if len(set(job_ids)) != len(job_ids):
-        raise InvalidInput("commit_many takes at most one change per job")
+        _check_same_job(change)
     return [change for change in changes if _canonical_job_id(change.after.id) is not None]
 
 
@@ -692,8 +693,7 @@ class SqlAlchemyJobStore:
         before, after = change.before, change.after
         if before is None:
             raise InvalidInput("commit needs the snapshot the change was decided on")
-        if before.id != after.id:
-            raise InvalidInput(f"a change cannot turn job {before.id} into job {after.id}")
+        _check_same_job(change)
         if _canonical_job_id(before.id) is None:
             return None
         with _driver_errors(change.event.value, before.id), self._transactions.write() as conn:
