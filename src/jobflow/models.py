@@ -6,6 +6,7 @@ Everything here is immutable (frozen attrs) and free of I/O.
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -146,6 +147,14 @@ class Job:
     error_message: str | None = None
     result: JSONDict | None = None
 
+    def evolve(self, **changes: Any) -> Job:
+        """A copy with ``changes``: :func:`attrs.evolve` without its generic
+        per-call work (every transition makes one)."""
+        values = list(job_values(self))
+        for name, value in changes.items():
+            values[_JOB_FIELD_INDEX[name]] = value
+        return Job(*values)
+
     @property
     def verified_object(self) -> ObjectInfo | None:
         """The object as it was when verified, or None before verification."""
@@ -159,6 +168,13 @@ class Job:
             version_id=self.object_version_id,
             sha256=self.object_sha256,
         )
+
+
+#: Job's field names, in the order its constructor takes them.
+JOB_FIELDS = tuple(field.name for field in attrs.fields(Job))
+#: A job's field values, as a tuple in :data:`JOB_FIELDS` order.
+job_values = operator.attrgetter(*JOB_FIELDS)
+_JOB_FIELD_INDEX = {name: index for index, name in enumerate(JOB_FIELDS)}
 
 
 @attrs.frozen

@@ -340,7 +340,7 @@ def apply(job: Job, event: Event, ev: Evidence) -> Change:
     for edge in edges:
         if allowed(edge, job, ev):
             fields, detail = _effects(edge, job, ev)
-            after = attrs.evolve(job, status=edge.dest, updated_at=ev.now, **fields)
+            after = job.evolve(status=edge.dest, updated_at=ev.now, **fields)
             return Change(event=event, before=job, after=after,
                           worker_id=ev.worker_id or job.lease_owner, detail=detail)
     raise _refusal(event, job, ev, edges)

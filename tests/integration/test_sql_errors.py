@@ -71,19 +71,25 @@ def own_pg_engine(pg_engine: sa.Engine) -> Iterator[sa.Engine]:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("call", ["get", "claim"])
 def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(
-        own_pg_engine: sa.Engine, pg_engine: sa.Engine) -> None:
+        own_pg_engine: sa.Engine, pg_engine: sa.Engine, call: str) -> None:
     objects = InMemoryObjectStore()
     flow = flow_on(SqlAlchemyJobStore(own_pg_engine), objects)
-    job_id = flow.initiate_upload("alice", content_type="video/mp4").job_id
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    objects.put(ticket.key, b"0123456789", content_type="video/mp4")
+    flow.complete_upload(ticket.job_id)
     with pg_engine.connect() as admin:
         killed = admin.execute(sa.text(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE application_name = :doomed"), {"doomed": DOOMED}).scalar_one()
     assert killed >= 1
+    read_or_claim = {"get": lambda: flow.get(ticket.job_id), "claim": lambda: flow.claim("w1")}
     with pytest.raises(StorageUnavailable, match="lost the database connection"):
-        flow.get(job_id)
-    assert flow.get(job_id).status is JobStatus.AWAITING_UPLOAD
+        read_or_claim[call]()
+    assert flow.get(ticket.job_id).status is JobStatus.QUEUED, "the claim was not written"
+    [claim] = flow.claim("w1")
+    assert claim.job.id == ticket.job_id
 
 
 @pytest.fixture
