@@ -74,21 +74,37 @@ def _held(held: list[dict[str, Any]]) -> dict[str, Any]:
     return {"ids": [job["id"] for job in held], "tokens": [job["lease_token"] for job in held]}
 
 
+#: Runs of a statement PostgreSQL rolled back to break a deadlock, as jobflow's store does.
+DEADLOCK_TRIES = 3
+
+
+def _run(connection: psycopg.Connection[Any], statement: str,
+         params: dict[str, Any]) -> list[dict[str, Any]]:
+    """One committed statement; its rows. Concurrent finish-and-claim statements
+    can deadlock; PostgreSQL rolls one back, which then runs again."""
+    for tries in range(1, DEADLOCK_TRIES + 1):
+        try:
+            with connection.cursor() as cursor:
+                rows = cursor.execute(statement, params).fetchall()
+                names = [column.name for column in cursor.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in rows]
+        except psycopg.errors.DeadlockDetected:
+            if tries == DEADLOCK_TRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
 def claim(connection: psycopg.Connection[Any], batch: int, worker: str,
           finishing: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Claim up to ``batch`` jobs in one committed statement; the claimed rows.
     With ``finishing``, the same statement first moves those held jobs to ``done``."""
-    statement = FINISH_AND_CLAIM if finishing else CLAIM
-    with connection.cursor() as cursor:
-        rows = cursor.execute(statement, {"limit": batch, "worker": worker,
-                                          **_held(finishing or [])}).fetchall()
-        names = [column.name for column in cursor.description or ()]
-    return [dict(zip(names, row, strict=True)) for row in rows]
+    return _run(connection, FINISH_AND_CLAIM if finishing else CLAIM,
+                {"limit": batch, "worker": worker, **_held(finishing or [])})
 
 
 def finish(connection: psycopg.Connection[Any], held: list[dict[str, Any]], worker: str) -> None:
     """Move the claimed jobs ``held`` to ``done`` in one committed statement."""
-    connection.execute(FINISH, {**_held(held), "worker": worker})
+    _run(connection, FINISH, {**_held(held), "worker": worker})
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:

@@ -5,7 +5,9 @@ refuse is InvalidInput."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -90,6 +92,49 @@ def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(
     assert flow.get(ticket.job_id).status is JobStatus.QUEUED, "the claim was not written"
     [claim] = flow.claim("w1")
     assert claim.job.id == ticket.job_id
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("watched", [False, True], ids=["direct", "through-sqlalchemy"])
+def test_a_statement_postgres_rolls_back_to_break_a_deadlock_runs_again(
+        pg_engine: sa.Engine, watched: bool) -> None:
+    engine = sa.create_engine(pg_engine.url, connect_args={"application_name": DOOMED})
+    if watched:  # a statement listener: the store runs its statements through SQLAlchemy
+        sa.event.listen(engine, "before_cursor_execute", lambda *args: None)
+    objects = InMemoryObjectStore()
+    flow = flow_on(SqlAlchemyJobStore(engine), objects)
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    objects.put(ticket.key, b"0123456789", content_type="video/mp4")
+    flow.complete_upload(ticket.job_id)
+    [held] = flow.claim("w1")
+    job = {"job": held.job.id, "seq": len(flow.history(held.job.id)) + 1}
+    try:
+        with pg_engine.connect() as other, ThreadPoolExecutor(1) as pool:
+            # Another transaction holds the history row the store's statement will
+            # write next, then waits for the job row that statement locked.
+            other.execute(sa.text(
+                "INSERT INTO jobflow_job_events (job_id, seq, event, from_status, to_status, at,"
+                " attempt, detail)"
+                " VALUES (:job, :seq, 'heartbeat', 'quick_running', 'quick_running', now(), 1,"
+                " '{}')"), job)
+            finishing = pool.submit(flow.succeed_and_claim, [(held, {"n": 1})], "w1")
+            waiting = sa.text("SELECT count(*) FROM pg_stat_activity "
+                              "WHERE application_name = :doomed AND wait_event_type = 'Lock'")
+            deadline = time.monotonic() + 10
+            while not other.execute(waiting, {"doomed": DOOMED}).scalar_one():
+                assert time.monotonic() < deadline, "the store's statement never waited"
+                time.sleep(0.01)
+            # A deadlock: PostgreSQL rolls back the statement that waited first, the store's.
+            other.execute(sa.text("UPDATE jobflow_jobs SET updated_at = updated_at "
+                                  "WHERE id = :job"), job)
+            other.rollback()
+            [done], [] = finishing.result(timeout=30)
+        assert isinstance(done, Job) and done.status is JobStatus.DONE
+        assert done.result == {"n": 1}
+        assert [row.event for row in flow.history(held.job.id)] == [
+            Event.CREATED, Event.VERIFY_UPLOAD, Event.CLAIM, Event.SUCCEED]
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture

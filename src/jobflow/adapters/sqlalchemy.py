@@ -84,6 +84,11 @@ NOTIFY_CHANNEL = "jobflow_jobs_queued"
 
 SUPPORTED_DIALECTS = frozenset({"postgresql", "sqlite"})
 
+#: How many times the store runs a PostgreSQL statement that PostgreSQL rolled
+#: back to break a deadlock (each statement is its own transaction).
+DEADLOCK_TRIES = 3
+_DEADLOCK_DETECTED = "40P01"  # SQLSTATE
+
 # Job attributes stored under another column name.
 _COLUMN_OF_FIELD = {"key": "object_key"}
 _FIELD_OF_COLUMN = {column: field for field, column in _COLUMN_OF_FIELD.items()}
@@ -735,9 +740,11 @@ class SqlAlchemyJobStore:
         sqlite = (_SQLiteSetup(engine, busy_timeout_seconds)
                   if self._dialect == "sqlite" else None)
         self._transactions: _Transactions = _EngineTransactions(engine, sqlite)
-        # On its own PostgreSQL connections the store sends its statements
-        # straight to psycopg 3 (see _driver_rows).
-        self._direct = self._dialect == "postgresql" and engine.dialect.driver == "psycopg"
+        # On PostgreSQL every statement on the store's own connections is its
+        # own transaction: one that lost a deadlock wrote nothing and runs again.
+        self._own_statements = self._dialect == "postgresql"
+        # There it sends them straight to psycopg 3 (see _driver_rows).
+        self._direct = self._own_statements and engine.dialect.driver == "psycopg"
 
     @property
     def engine(self) -> Engine:
@@ -774,7 +781,7 @@ class SqlAlchemyJobStore:
         bound = copy.copy(self)
         bound._dialect = _dialect_name(dialect)
         bound._transactions = _HostTransactions(current, sqlite=bound._dialect == "sqlite")
-        bound._direct = False
+        bound._own_statements = bound._direct = False
         return bound
 
     @property
@@ -785,10 +792,24 @@ class SqlAlchemyJobStore:
               params: dict[str, Any]) -> Sequence[Mapping[Any, Any]]:
         """Run one statement; its rows. Through SQLAlchemy's execution layer when
         the engine logs statements or has statement event listeners, so that they
-        see every statement."""
-        if self._direct and not _watched(conn):
-            return _driver_rows(conn, statement, params)
-        return conn.execute(statement, params).mappings().all()
+        see every statement.
+
+        Concurrent finish-and-claim statements can deadlock in PostgreSQL (a
+        claim following the update chain of a job another worker is finishing
+        waits for it, SKIP LOCKED or not); PostgreSQL then rolls one back. When
+        the statement was its own transaction it runs again, up to
+        :data:`DEADLOCK_TRIES` times in all."""
+        tries = 1
+        while True:
+            try:
+                if self._direct and not _watched(conn):
+                    return _driver_rows(conn, statement, params)
+                return conn.execute(statement, params).mappings().all()
+            except sa_exc.DBAPIError as exc:
+                deadlocked = getattr(exc.orig, "sqlstate", None) == _DEADLOCK_DETECTED
+                if not (deadlocked and self._own_statements and tries < DEADLOCK_TRIES):
+                    raise
+                tries += 1
 
     # -- writes ------------------------------------------------------------------------
 
