@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from jobflow import Job, JobFlow, JobStatus
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
+from jobflow.errors import InvalidInput
+from jobflow.models import Change, Event
 from tests.integration.conftest import flow_on
 
 pytestmark = pytest.mark.postgres
@@ -102,3 +104,19 @@ def test_both_ways_read_and_write_the_same_jobs(
         JobStatus.DONE, JobStatus.QUICK_RUNNING, JobStatus.DONE, JobStatus.QUEUED]
     assert direct.get(job_ids[2]).result == {"ok": 3}
     assert direct.counts() == through_sqlalchemy.counts()
+
+
+def test_driver_errors_keep_the_parameters_hidden_when_the_engine_does(
+        pg_engine: sa.Engine, objects: InMemoryObjectStore) -> None:
+    engine = sa.create_engine(pg_engine.url, hide_parameters=True)
+    try:
+        flow = flow_on(SqlAlchemyJobStore(engine), objects)
+        job = flow.get(flow.initiate_upload("alice", content_type="video/mp4").job_id)
+        forged = Change(event=Event.VERIFY_UPLOAD, before=job,
+                        after=job.evolve(status=JobStatus.QUEUED))
+        with pytest.raises(InvalidInput, match="upload_verified_unless_waiting_or_failed") as info:
+            flow.store.commit(forged)
+    finally:
+        engine.dispose()
+    cause = str(info.value.__cause__)
+    assert "hidden due to hide_parameters=True" in cause and "[parameters:" not in cause

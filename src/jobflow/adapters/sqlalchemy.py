@@ -590,7 +590,8 @@ def _driver_rows(conn: Connection, statement: sa.Select[Any] | sa.CompoundSelect
             conn.invalidate(exc)
         raise sa_exc.DBAPIError.instance(
             prepared.sql, args, exc, dialect.loaded_dbapi.Error,
-            connection_invalidated=invalidated, dialect=dialect) from exc
+            hide_parameters=conn.engine.hide_parameters, connection_invalidated=invalidated,
+            dialect=dialect) from exc
     if prepared.results:
         rows = [list(row) for row in rows]
         for row in rows:
