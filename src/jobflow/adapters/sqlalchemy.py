@@ -795,10 +795,10 @@ class SqlAlchemyJobStore:
         the engine logs statements or has statement event listeners, so that they
         see every statement.
 
-        Concurrent finish-and-claim statements can deadlock in PostgreSQL (a
-        claim following the update chain of a job another worker is finishing
-        waits for it, SKIP LOCKED or not); PostgreSQL then rolls one back. When
-        the statement was its own transaction it runs again, up to
+        Concurrent finish-and-claim statements can deadlock in PostgreSQL
+        (seen "while locking updated version" of a job row: SKIP LOCKED does
+        not skip every wait); PostgreSQL then rolls one back. When the
+        statement was its own transaction it runs again, up to
         :data:`DEADLOCK_TRIES` times in all."""
         tries = 1
         while True:
