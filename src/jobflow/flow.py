@@ -108,8 +108,10 @@ class JobFlow:
             raise ConfigurationError(f"clock must return an aware UTC datetime, got {now!r}")
         return now
 
-    def _evidence(self, **kwargs: Any) -> states.Evidence:
-        return states.Evidence(now=self.now(), policy=self.policy, **kwargs)
+    def _evidence(self, now: datetime | None = None, **kwargs: Any) -> states.Evidence:
+        """The evidence of a decision at ``now`` (default: the clock, read now)."""
+        return states.Evidence(now=self.now() if now is None else now, policy=self.policy,
+                               **kwargs)
 
     def _log_transition(self, event: Event, job: Job, from_status: JobStatus | None,
                         worker_id: str | None) -> None:
@@ -366,8 +368,7 @@ class JobFlow:
                 continue  # the client is probably still uploading
             try:
                 info = self.objects.head(job.key)
-                change = states.settle_upload(job, states.Evidence(
-                    now=now, policy=self.policy, obj=info))
+                change = states.settle_upload(job, self._evidence(now, obj=info))
             except UploadMissing:
                 continue
             except StorageUnavailable:
@@ -378,7 +379,7 @@ class JobFlow:
                          Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
                 self._discard_failed_upload(change)
         for job in self.store.expired_leases(now=now, limit=limit):
-            change = states.apply(job, Event.RESCUE, states.Evidence(now=now, policy=self.policy))
+            change = states.apply(job, Event.RESCUE, self._evidence(now))
             if self._commit_quietly(change):
                 key = "rescued" if change.after.status is JobStatus.QUEUED else "lease_failed"
                 outcome[key].append(job.id)
@@ -444,9 +445,8 @@ class _SucceededBatch:
         """``succeed`` for ``claim``, at ``now`` (default: the flow's clock, read
         when deciding, as a retry after a lost race does)."""
         flow = self._flow
-        return lambda job: states.apply(job, Event.SUCCEED, states.Evidence(
-            now=now or flow.now(), policy=flow.policy, token=claim.token,
-            worker_id=claim.job.lease_owner, result=result))
+        return lambda job: states.apply(job, Event.SUCCEED, flow._evidence(
+            now, token=claim.token, worker_id=claim.job.lease_owner, result=result))
 
     def settle(self, written: Sequence[Job | None]) -> list[Job | LeaseLost]:
         """The outcomes, in the order of the pairs, once the store wrote ``written``."""

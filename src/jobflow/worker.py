@@ -597,14 +597,13 @@ class Worker:
         """Release a job claimed as the worker was stopping, before it ran; if
         that fails, its lease expires and ``reconcile`` rescues it."""
         try:
-            self.flow.release(claim, reason="worker shutting down")
+            self.flow.release(claim)
         except JobflowError as exc:
             self._log.warning("job.release_failed", job_id=claim.job.id,
                               error=error_message(exc))
 
     def _release(self, attempt: _Attempt) -> Job | None:
-        return self._write(attempt, "release", lambda: self.flow.release(
-            attempt.claim, reason="worker shutting down"))
+        return self._write(attempt, "release", lambda: self.flow.release(attempt.claim))
 
 
 def _elapsed_ms(started: float) -> int:
