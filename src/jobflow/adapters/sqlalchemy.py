@@ -57,7 +57,7 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from jobflow.adapters.sqlalchemy_schema import events, jobs, status_is
+from jobflow.adapters.sqlalchemy_schema import UTCDateTime, events, jobs, status_is
 from jobflow.errors import (
     ConfigurationError,
     InvalidInput,
@@ -533,10 +533,26 @@ class _DriverStatement:
     SQLAlchemy would apply to its parameters and to its result columns."""
 
     sql: str
-    compiled: sa.engine.Compiled
-    params: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+    #: Per ``$n``: the parameter's name, its value when the call gives none
+    #: (``_REQUIRED``: the call must give one), and its processor.
+    params: tuple[tuple[str, object, Callable[[Any], Any] | None], ...]
     columns: tuple[str, ...]
     results: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+
+_REQUIRED = object()
+
+
+def _in_utc(value: datetime | None) -> datetime | None:
+    """:class:`UTCDateTime`'s result processing for psycopg, which reads every
+    ``timestamptz`` as an aware datetime: the same value, without the wrapper."""
+    return None if value is None else value.astimezone(UTC)
+
+
+def _result_processor(type_: Any, dialect: sa.Dialect) -> Callable[[Any], Any] | None:
+    if isinstance(type_, UTCDateTime):
+        return _in_utc
+    return type_.dialect_impl(dialect).result_processor(dialect, None)  # type: ignore[no-any-return]
 
 
 @functools.lru_cache(maxsize=512)
@@ -544,13 +560,14 @@ def _driver_statement(statement: sa.Select[Any] | sa.CompoundSelect[Any],
                       dialect: sa.Dialect) -> _DriverStatement:
     numbered = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
     compiled = statement.compile(dialect=numbered)
-    types = {name: bind.type for bind, name in compiled.bind_names.items()}
+    binds = {name: bind for bind, name in compiled.bind_names.items()}
     columns = list(statement.selected_columns)
-    results = ((index, column.type.dialect_impl(dialect).result_processor(dialect, None))
+    results = ((index, _result_processor(column.type, dialect))
                for index, column in enumerate(columns))
     return _DriverStatement(
-        sql=compiled.string, compiled=compiled,
-        params=tuple((name, types[name].dialect_impl(dialect).bind_processor(dialect))
+        sql=compiled.string,
+        params=tuple((name, _REQUIRED if binds[name].required else binds[name].effective_value,
+                      binds[name].type.dialect_impl(dialect).bind_processor(dialect))
                      for name in compiled.positiontup or ()),
         columns=tuple(str(column.key) for column in columns),
         results=tuple((index, process) for index, process in results if process is not None))
@@ -565,25 +582,40 @@ def _watched(conn: Connection) -> bool:
     return bool(conn._echo) or any(getattr(conn.dispatch, name) for name in _STATEMENT_EVENTS)
 
 
+_CURSOR = "jobflow_raw_cursor"
+
+
+def _driver_cursor(conn: Connection) -> Any:
+    """The psycopg ``RawCursor`` kept on ``conn``'s pooled connection: reused, it
+    keeps the types it has looked up (a new one costs about 30 us per call)."""
+    import psycopg  # only PostgreSQL needs it
+
+    driver = conn.connection.driver_connection
+    info = conn.connection.info
+    cursor = info.get(_CURSOR)
+    if cursor is None or cursor.connection is not driver or cursor.closed:
+        cursor = info[_CURSOR] = psycopg.RawCursor(driver)  # type: ignore[arg-type]
+    return cursor
+
+
 def _driver_rows(conn: Connection, statement: sa.Select[Any] | sa.CompoundSelect[Any],
                  params: dict[str, Any]) -> list[dict[str, Any]]:
     """Run ``statement`` on ``conn``'s psycopg connection, past SQLAlchemy's
     execution layer; the rows as dicts, with SQLAlchemy's type processing.
     Driver errors are raised as SQLAlchemy raises them, and a lost connection
     is invalidated as SQLAlchemy does."""
-    import psycopg  # only PostgreSQL needs it
-
     dialect = conn.dialect
     prepared = _driver_statement(statement, dialect)
-    values = prepared.compiled.construct_params(params)
-    assert values is not None
-    args = [values[name] if process is None else process(values[name])
-            for name, process in prepared.params]
-    driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+    args = []
+    for name, default, process in prepared.params:
+        value = params.get(name, default)
+        if value is _REQUIRED:
+            raise sa_exc.InvalidRequestError(f"a value is required for parameter {name!r}")
+        args.append(value if process is None else process(value))
     try:
-        with psycopg.RawCursor(driver) as cursor:
-            cursor.execute(prepared.sql, args)
-            rows = cursor.fetchall()
+        cursor = _driver_cursor(conn)
+        cursor.execute(prepared.sql, args)
+        rows = cursor.fetchall()
     except dialect.loaded_dbapi.Error as exc:
         invalidated = dialect.is_disconnect(exc, conn.connection, None)
         if invalidated:
@@ -592,12 +624,16 @@ def _driver_rows(conn: Connection, statement: sa.Select[Any] | sa.CompoundSelect
             prepared.sql, args, exc, dialect.loaded_dbapi.Error,
             hide_parameters=conn.engine.hide_parameters, connection_invalidated=invalidated,
             dialect=dialect) from exc
-    if prepared.results:
-        rows = [list(row) for row in rows]
-        for row in rows:
-            for index, process in prepared.results:
-                row[index] = process(row[index])
-    return [dict(zip(prepared.columns, row, strict=True)) for row in rows]
+    columns, results = prepared.columns, prepared.results
+    if not results:
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+    processed = []
+    for row in rows:
+        values = list(row)
+        for index, process in results:
+            values[index] = process(values[index])
+        processed.append(dict(zip(columns, values, strict=True)))
+    return processed
 
 
 # -- where statements run ----------------------------------------------------------------------
