@@ -239,17 +239,15 @@ class Change:
     detail: JSONDict = attrs.field(factory=dict)
 
     def record(self, seq: int) -> JobEvent:
-        return JobEvent(
-            job_id=self.after.id,
-            seq=seq,
-            event=self.event,
-            from_status=self.before.status if self.before else None,
-            to_status=self.after.status,
-            at=self.after.updated_at,
-            worker_id=self.worker_id,
-            attempt=self.after.attempts,
-            detail=self.detail,
-        )
+        return JobEvent(self.after.id, seq, *self.history_values())
+
+    def history_values(self) -> tuple[Any, ...]:
+        """The values of this change's history row after ``job_id`` and ``seq``,
+        in :class:`JobEvent`'s field order: event, from_status, to_status, at,
+        worker_id, attempt, detail."""
+        after = self.after
+        return (self.event, self.before.status if self.before else None, after.status,
+                after.updated_at, self.worker_id, after.attempts, self.detail)
 
 
 def check_batch(changes: Sequence[Change]) -> None:

@@ -96,10 +96,10 @@ _FIELD_OF_COLUMN = {column: field for field, column in _COLUMN_OF_FIELD.items()}
 _ROW_COLUMNS = tuple(_COLUMN_OF_FIELD.get(name, name) for name in JOB_FIELDS)
 _STATUS_INDEX = JOB_FIELDS.index("status")
 _FIELD_INDEXES = range(len(JOB_FIELDS))
-# A history row's columns, but job_id and seq, and the JobEvent fields they hold.
-_EVENT_COLUMNS = ("event", "from_status", "to_status", "at", "worker_id", "attempt", "detail")
+# A history row's columns but job_id and seq: JobEvent's fields, in the order of
+# Change.history_values.
+_EVENT_COLUMNS = tuple(field.name for field in attrs.fields(JobEvent))[2:]
 _EVENT_PARAMS = tuple(f"event_{name}" for name in _EVENT_COLUMNS)
-_EVENT_VALUES = operator.attrgetter(*_EVENT_COLUMNS)
 
 
 # -- rows and domain objects ------------------------------------------------------------
@@ -129,7 +129,7 @@ def _job_params(job: Job) -> dict[str, Any]:
 
 def _event_params(change: Change) -> dict[str, Any]:
     """The ``event_<column>`` parameters of ``change``'s history row, but its ``seq``."""
-    return dict(zip(_EVENT_PARAMS, _EVENT_VALUES(change.record(seq=0)), strict=True))
+    return dict(zip(_EVENT_PARAMS, change.history_values(), strict=True))
 
 
 def _as_text(value: object) -> str | None:
@@ -173,7 +173,7 @@ def _batch_values(change: Change, columns: tuple[str, ...]) -> list[object]:
     """``change``'s values for the fields of :func:`_batch_fields`, in their order."""
     before, after = change.before, change.after
     assert before is not None
-    return [after.id, *_values_getter(columns)(after), *_EVENT_VALUES(change.record(seq=0)),
+    return [after.id, *_values_getter(columns)(after), *change.history_values(),
             before.status, before.lease_token]
 
 
