@@ -539,6 +539,29 @@ class _DriverStatement:
     columns: tuple[str, ...]
     results: tuple[tuple[int, Callable[[Any], Any]], ...]
 
+    def arguments(self, params: Mapping[str, Any]) -> list[Any]:
+        """The driver's values of the ``$n`` placeholders."""
+        args = []
+        for name, default, process in self.params:
+            value = params.get(name, default)
+            if value is _REQUIRED:
+                raise sa_exc.InvalidRequestError(f"a value is required for parameter {name!r}")
+            args.append(value if process is None else process(value))
+        return args
+
+    def rows(self, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+        """The driver's rows as dicts, with SQLAlchemy's result processing."""
+        columns, results = self.columns, self.results
+        if not results:
+            return [dict(zip(columns, row, strict=True)) for row in rows]
+        processed = []
+        for row in rows:
+            values = list(row)
+            for index, process in results:
+                values[index] = process(values[index])
+            processed.append(dict(zip(columns, values, strict=True)))
+        return processed
+
 
 _REQUIRED = object()
 
@@ -577,9 +600,10 @@ _STATEMENT_EVENTS = ("before_execute", "after_execute",
                      "before_cursor_execute", "after_cursor_execute")
 
 
-def _watched(conn: Connection) -> bool:
-    """Whether SQLAlchemy logs the statements run on ``conn`` or has listeners for them."""
-    return bool(conn._echo) or any(getattr(conn.dispatch, name) for name in _STATEMENT_EVENTS)
+def _watched(engine: Engine) -> bool:
+    """Whether SQLAlchemy logs the statements run on ``engine`` or has listeners for them."""
+    return engine._should_log_info() or any(
+        getattr(engine.dispatch, name) for name in _STATEMENT_EVENTS)
 
 
 _CURSOR = "jobflow_raw_cursor"
@@ -598,24 +622,16 @@ def _driver_cursor(conn: Connection) -> Any:
     return cursor
 
 
-def _driver_rows(conn: Connection, statement: sa.Select[Any] | sa.CompoundSelect[Any],
-                 params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run ``statement`` on ``conn``'s psycopg connection, past SQLAlchemy's
-    execution layer; the rows as dicts, with SQLAlchemy's type processing.
-    Driver errors are raised as SQLAlchemy raises them, and a lost connection
-    is invalidated as SQLAlchemy does."""
+def _driver_execute(conn: Connection, prepared: _DriverStatement,
+                    args: list[Any]) -> list[Any]:
+    """Run ``prepared`` on ``conn``'s psycopg connection, past SQLAlchemy's
+    execution layer; the driver's rows. Driver errors are raised as SQLAlchemy
+    raises them, and a lost connection is invalidated as SQLAlchemy does."""
     dialect = conn.dialect
-    prepared = _driver_statement(statement, dialect)
-    args = []
-    for name, default, process in prepared.params:
-        value = params.get(name, default)
-        if value is _REQUIRED:
-            raise sa_exc.InvalidRequestError(f"a value is required for parameter {name!r}")
-        args.append(value if process is None else process(value))
     try:
         cursor = _driver_cursor(conn)
         cursor.execute(prepared.sql, args)
-        rows = cursor.fetchall()
+        return cursor.fetchall()  # type: ignore[no-any-return]
     except dialect.loaded_dbapi.Error as exc:
         invalidated = dialect.is_disconnect(exc, conn.connection, None)
         if invalidated:
@@ -624,16 +640,6 @@ def _driver_rows(conn: Connection, statement: sa.Select[Any] | sa.CompoundSelect
             prepared.sql, args, exc, dialect.loaded_dbapi.Error,
             hide_parameters=conn.engine.hide_parameters, connection_invalidated=invalidated,
             dialect=dialect) from exc
-    columns, results = prepared.columns, prepared.results
-    if not results:
-        return [dict(zip(columns, row, strict=True)) for row in rows]
-    processed = []
-    for row in rows:
-        values = list(row)
-        for index, process in results:
-            values[index] = process(values[index])
-        processed.append(dict(zip(columns, values, strict=True)))
-    return processed
 
 
 # -- where statements run ----------------------------------------------------------------------
@@ -780,7 +786,7 @@ class SqlAlchemyJobStore:
         # On PostgreSQL every statement on the store's own connections is its
         # own transaction: one that lost a deadlock wrote nothing and runs again.
         self._own_statements = self._dialect == "postgresql"
-        # There it sends them straight to psycopg 3 (see _driver_rows).
+        # There it sends them straight to psycopg 3 (see _statement).
         self._direct = self._own_statements and engine.dialect.driver == "psycopg"
 
     @property
@@ -825,23 +831,35 @@ class SqlAlchemyJobStore:
     def _postgres(self) -> bool:
         return self._dialect == "postgresql"
 
-    def _rows(self, conn: Connection, statement: sa.Select[Any] | sa.CompoundSelect[Any],
-              params: dict[str, Any]) -> Sequence[Mapping[Any, Any]]:
-        """Run one statement; its rows. Through SQLAlchemy's execution layer when
-        the engine logs statements or has statement event listeners, so that they
-        see every statement.
+    def _statement(self, statement: sa.Select[Any] | sa.CompoundSelect[Any],
+                   params: dict[str, Any], *, write: bool = True) -> Sequence[Mapping[Any, Any]]:
+        """Run one statement, a write (default) or a read, as its own transaction
+        (or in the host's); its rows.
+
+        On the store's own PostgreSQL connections it goes straight to psycopg,
+        and a pooled connection is held only while the database runs it: its
+        parameters are prepared before, its rows processed after. An engine
+        that logs statements or has statement event listeners gets the
+        statement through SQLAlchemy's execution layer, so that they see
+        every statement.
 
         Concurrent finish-and-claim statements can deadlock in PostgreSQL
         (seen "while locking updated version" of a job row: SKIP LOCKED does
         not skip every wait); PostgreSQL then rolls one back. When the
         statement was its own transaction it runs again, up to
         :data:`DEADLOCK_TRIES` times in all."""
+        transaction = self._transactions.write if write else self._transactions.read
         tries = 1
         while True:
             try:
-                if self._direct and not _watched(conn):
-                    return _driver_rows(conn, statement, params)
-                return conn.execute(statement, params).mappings().all()
+                if self._direct and not _watched(self._engine):
+                    prepared = _driver_statement(statement, self._engine.dialect)
+                    args = prepared.arguments(params)
+                    with transaction() as conn:
+                        rows = _driver_execute(conn, prepared, args)
+                    return prepared.rows(rows)
+                with transaction() as conn:
+                    return conn.execute(statement, params).mappings().all()
             except sa_exc.DBAPIError as exc:
                 deadlocked = getattr(exc.orig, "sqlstate", None) == _DEADLOCK_DETECTED
                 if not (deadlocked and self._own_statements and tries < DEADLOCK_TRIES):
@@ -855,12 +873,14 @@ class SqlAlchemyJobStore:
         if _canonical_job_id(job.id) is None:
             raise InvalidInput(f"job id {job.id!r} is not a canonical UUID")
         params = {**_job_params(job), **_event_params(change)}
-        with _driver_errors("create", job.id), self._transactions.write() as conn:
+        with _driver_errors("create", job.id):
             if self._postgres:
-                self._rows(conn, _POSTGRES_CREATE, params)
+                self._statement(_POSTGRES_CREATE, params)
             else:
-                conn.execute(_INSERT_JOB, params)
-                conn.execute(_INSERT_EVENT, {**params, "event_job_id": job.id, "event_seq": 1})
+                with self._transactions.write() as conn:
+                    conn.execute(_INSERT_JOB, params)
+                    conn.execute(_INSERT_EVENT,
+                                 {**params, "event_job_id": job.id, "event_seq": 1})
         return job
 
     def commit(self, change: Change) -> Job | None:
@@ -870,14 +890,15 @@ class SqlAlchemyJobStore:
         _check_same_job(change)
         if _canonical_job_id(before.id) is None:
             return None
-        with _driver_errors(change.event.value, before.id), self._transactions.write() as conn:
+        with _driver_errors(change.event.value, before.id):
             if not self._postgres:
-                return after if self._sqlite_compare_and_set(conn, change) else None
+                with self._transactions.write() as conn:
+                    return after if self._sqlite_compare_and_set(conn, change) else None
             params = {**_job_params(after), **_event_params(change), "expected_id": before.id,
                       "expected_status": before.status, "expected_token": before.lease_token}
             statement = _POSTGRES_COMMIT[before.lease_token is None,
                                          after.status is JobStatus.QUEUED]
-            return after if self._rows(conn, statement, params) else None
+            return after if self._statement(statement, params) else None
 
     def commit_many(self, changes: Sequence[Change]) -> list[Job | None]:
         if len(changes) == 1:  # the single-change statement is the cheaper one
@@ -885,13 +906,14 @@ class SqlAlchemyJobStore:
         known = _batch(changes)
         if not known:
             return [None] * len(changes)
-        with _driver_errors("commit a batch of changes"), self._transactions.write() as conn:
+        with _driver_errors("commit a batch of changes"):
             if self._postgres:
                 shape, batch = _change_records(known)
                 written = {row["job_id"] for row in
-                           self._rows(conn, _postgres_commit_many(shape), batch)}
+                           self._statement(_postgres_commit_many(shape), batch)}
             else:
-                written = self._sqlite_commit_many(conn, known)
+                with self._transactions.write() as conn:
+                    written = self._sqlite_commit_many(conn, known)
         return [change.after if change.after.id in written else None for change in changes]
 
     def commit_and_claim(self, changes: Sequence[Change], *, worker_id: str, limit: int,
@@ -903,17 +925,17 @@ class SqlAlchemyJobStore:
                 worker_id=worker_id, limit=limit, now=now, lease_seconds=lease_seconds)
         params = _claim_params(worker_id=worker_id, limit=limit, now=now,
                                lease_seconds=lease_seconds)
-        with _driver_errors("commit a batch of changes and claim"), \
-                self._transactions.write() as conn:
+        with _driver_errors("commit a batch of changes and claim"):
             if self._postgres:
                 shape, batch = _change_records(known)
                 params.update(batch)
-                rows = self._rows(conn, _postgres_commit_and_claim(shape), params)
+                rows = self._statement(_postgres_commit_and_claim(shape), params)
                 written = {job_id for row in rows for job_id in row["written"] or ()}
                 rows = [row for row in rows if row["id"] is not None]
             else:
-                written = self._sqlite_commit_many(conn, known)
-                rows = self._sqlite_claim(conn, params)
+                with self._transactions.write() as conn:
+                    written = self._sqlite_commit_many(conn, known)
+                    rows = self._sqlite_claim(conn, params)
         return ([change.after if change.after.id in written else None for change in changes],
                 _claims(rows))
 
@@ -953,11 +975,12 @@ class SqlAlchemyJobStore:
             return []
         params = _claim_params(worker_id=worker_id, limit=limit, now=now,
                                lease_seconds=lease_seconds)
-        with _driver_errors("claim"), self._transactions.write() as conn:
+        with _driver_errors("claim"):
             if self._postgres:
-                rows = self._rows(conn, _POSTGRES_CLAIM, params)
+                rows = self._statement(_POSTGRES_CLAIM, params)
             else:
-                rows = self._sqlite_claim(conn, params)
+                with self._transactions.write() as conn:
+                    rows = self._sqlite_claim(conn, params)
         return _claims(rows)
 
     # -- reads -------------------------------------------------------------------------
@@ -965,8 +988,8 @@ class SqlAlchemyJobStore:
     def get(self, job_id: str) -> Job:
         if _canonical_job_id(job_id) is None:
             raise JobNotFound(job_id)
-        with _driver_errors("read", job_id), self._transactions.read() as conn:
-            rows = self._rows(conn, _GET, {"job_id": job_id})
+        with _driver_errors("read", job_id):
+            rows = self._statement(_GET, {"job_id": job_id}, write=False)
         if not rows:
             raise JobNotFound(job_id)
         return _job_from_row(rows[0])
@@ -974,9 +997,9 @@ class SqlAlchemyJobStore:
     def history(self, job_id: str) -> list[JobEvent]:
         if _canonical_job_id(job_id) is None:
             raise JobNotFound(job_id)
-        with _driver_errors("read the history of", job_id), self._transactions.read() as conn:
-            rows = self._rows(conn, _HISTORY, {"job_id": job_id})
-            if not rows and not self._rows(conn, _EXISTS, {"job_id": job_id}):
+        with _driver_errors("read the history of", job_id):
+            rows = self._statement(_HISTORY, {"job_id": job_id}, write=False)
+            if not rows and not self._statement(_EXISTS, {"job_id": job_id}, write=False):
                 raise JobNotFound(job_id)
         return [_event_from_row(row) for row in rows]
 
@@ -992,14 +1015,14 @@ class SqlAlchemyJobStore:
     def _jobs(self, query: sa.Select[Any], params: dict[str, Any]) -> list[Job]:
         if params["limit"] < 1:
             return []
-        with _driver_errors("list jobs"), self._transactions.read() as conn:
-            rows = self._rows(conn, query, params)
+        with _driver_errors("list jobs"):
+            rows = self._statement(query, params, write=False)
         return [_job_from_row(row) for row in rows]
 
     def counts(self) -> dict[JobStatus, int]:
         counts = dict.fromkeys(JobStatus, 0)
-        with _driver_errors("count jobs"), self._transactions.read() as conn:
-            for row in self._rows(conn, _COUNTS, {}):
+        with _driver_errors("count jobs"):
+            for row in self._statement(_COUNTS, {}, write=False):
                 counts[JobStatus(row["status"])] = row["jobs"]
         return counts
 
