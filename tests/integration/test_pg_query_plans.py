@@ -110,3 +110,42 @@ def test_claims_reach_jobs_through_indexes_whatever_the_batch_size(
     for statement in claiming:
         plan = generic_plan_of(pg_engine, statement, seqscan=True)
         assert "Seq Scan on jobflow_jobs" not in plan, plan
+
+
+PLANS_OF_CLAIMS = """
+SELECT generic_plans, custom_plans FROM pg_prepared_statements
+WHERE strpos(statement, 'SKIP LOCKED') > 0 ORDER BY prepare_time
+"""
+
+
+@pytest.mark.postgres
+def test_prepared_claims_are_not_planned_again_at_every_call_on_a_long_queue(
+        pg_engine: sa.Engine) -> None:
+    """psycopg prepares a statement from its fifth run on; PostgreSQL then tries
+    five custom plans before it settles on one plan for every call. With a
+    long queue it must still settle, for a claim and for a finish-and-claim:
+    planning these statements costs about as much as running them."""
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(SEED_QUEUED, {"count": 20_000})
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE jobflow_jobs")
+    engine = sa.create_engine(pg_engine.url, pool_size=1, max_overflow=0)
+    try:
+        store = SqlAlchemyJobStore(engine)
+        calls = 20
+        claims = []
+        for _ in range(calls):
+            claims = store.claim(worker_id="w", limit=10, now=NOW, lease_seconds=60)
+        for _ in range(calls):
+            finished = [core.apply(claim.job, Event.SUCCEED, core.Evidence(
+                now=NOW, token=claim.token, result={})) for claim in claims]
+            written, claims = store.commit_and_claim(finished, worker_id="w", limit=10,
+                                                     now=NOW, lease_seconds=60)
+            assert written == [change.after for change in finished] and len(claims) == 10
+        with engine.connect() as conn:  # the pool's one connection: its prepared statements
+            plans = conn.exec_driver_sql(PLANS_OF_CLAIMS).all()
+    finally:
+        engine.dispose()
+    assert len(plans) == 2
+    for generic, custom in plans:
+        assert custom <= 5 and generic == calls - 5 - custom, (generic, custom)

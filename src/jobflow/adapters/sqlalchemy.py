@@ -370,13 +370,14 @@ def _postgres_commit_many(shape: _BatchShape) -> sa.Select[Any]:
     return sa.select(logged.c.job_id, _notify_if_queued(logged))
 
 
-def _due() -> sa.Select[Any]:
-    """Claimable jobs (the guards of the claim edge), oldest ``run_at`` first, then id."""
+def _due(limit: int | None = None) -> sa.Select[Any]:
+    """Claimable jobs (the guards of the claim edge), oldest ``run_at`` first, then
+    id: at most ``limit`` written into the statement, or the ``limit`` parameter."""
     return (sa.select(jobs.c.id)
             .where(status_is(JobStatus.QUEUED), jobs.c.run_at <= _NOW,
                    jobs.c.attempts < jobs.c.max_attempts, jobs.c.upload_verified_at.is_not(None))
             .order_by(jobs.c.run_at, jobs.c.id)
-            .limit(_LIMIT))
+            .limit(_LIMIT if limit is None else sa.literal_column(str(int(limit)))))
 
 
 # The claim edge's effects (jobflow.states), applied by the database to each claimed row.
@@ -389,13 +390,20 @@ _CLAIM_EFFECTS: dict[str, Any] = {
 }
 
 
-def _postgres_claimed() -> tuple[sa.CTE, sa.CTE]:
-    """Lock a batch of due jobs (skipping locked ones), take them, log them:
-    the CTE of the claimed job rows, and the CTE of their history rows."""
+def _postgres_claimed(limit: int) -> tuple[sa.CTE, sa.CTE]:
+    """Lock a batch of up to ``limit`` due jobs (skipping locked ones), take them,
+    log them: the CTE of the claimed job rows, and the CTE of their history rows.
+
+    The batch size is written into the statement, one statement per size.
+    PostgreSQL plans a LIMIT it cannot see for a tenth of the rows: once the
+    queue was large, the generic plan of a prepared claim with a LIMIT
+    parameter looked dearer than planning anew, which it then did at every
+    call (measured: 0.3 ms of the server's time per call with 20,000 queued
+    jobs)."""
     # id = ANY(ARRAY(...)): the locked ids are collected once, then the jobs are
     # found by primary key. A join on the picked ids would let a plan made once
     # for all batch sizes (a prepared statement's) hash the whole table instead.
-    picked = sa.func.array(_due().with_for_update(skip_locked=True).scalar_subquery())
+    picked = sa.func.array(_due(limit).with_for_update(skip_locked=True).scalar_subquery())
     claimed = (sa.update(jobs).where(jobs.c.id == sa.any_(picked))
                .values(**_CLAIM_EFFECTS, lease_token=sa.cast(sa.func.gen_random_uuid(), sa.Text))
                .returning(*jobs.c)
@@ -411,21 +419,22 @@ def _postgres_claimed() -> tuple[sa.CTE, sa.CTE]:
     return claimed, claim_logged
 
 
-def _postgres_claim() -> sa.Select[Any]:
+@functools.lru_cache(maxsize=256)
+def _postgres_claim(limit: int) -> sa.Select[Any]:
     """PostgreSQL, one statement: claim a batch; the rows are the claimed jobs."""
-    claimed, claim_logged = _postgres_claimed()
+    claimed, claim_logged = _postgres_claimed(limit)
     return sa.select(claimed).add_cte(claim_logged)
 
 
 @functools.lru_cache(maxsize=256)
-def _postgres_commit_and_claim(shape: _BatchShape) -> sa.CompoundSelect[Any]:
+def _postgres_commit_and_claim(shape: _BatchShape, limit: int) -> sa.CompoundSelect[Any]:
     """PostgreSQL, one statement: the batch write of :func:`_postgres_commit_many`
     and a claim. Each claimed job is one row (``written`` NULL); one more row
     holds the ids the batch wrote in ``written`` (its job columns NULL).
     The two never touch the same row: the batch writes jobs that were not
     ``queued`` when the statement started, the claim takes only ``queued`` ones."""
     logged = _postgres_batch_write(shape)
-    claimed, claim_logged = _postgres_claimed()
+    claimed, claim_logged = _postgres_claimed(limit)
     claims: sa.Select[Any] = sa.select(sa.cast(sa.null(), _TEXT_ARRAY).label("written"), claimed)
     # The HAVING clause is always true: it sends the NOTIFYs, one per row.
     written: sa.Select[Any] = sa.select(  # type: ignore[assignment]
@@ -454,7 +463,6 @@ _POSTGRES_CREATE = _logged(_INSERT_JOB.returning(jobs.c.id, jobs.c.history_lengt
 _POSTGRES_COMMIT = {
     (token_is_null, notify): _logged(_COMPARE_AND_SET[token_is_null].cte("changed"), notify=notify)
     for token_is_null in (False, True) for notify in (False, True)}
-_POSTGRES_CLAIM = _postgres_claim()
 _SQLITE_CLAIM = _sqlite_claim()
 _GET = sa.select(jobs).where(jobs.c.id == _param("job_id", jobs.c.id))
 _EXISTS = sa.select(jobs.c.id).where(jobs.c.id == _param("job_id", jobs.c.id))
@@ -929,7 +937,7 @@ class SqlAlchemyJobStore:
             if self._postgres:
                 shape, batch = _change_records(known)
                 params.update(batch)
-                rows = self._statement(_postgres_commit_and_claim(shape), params)
+                rows = self._statement(_postgres_commit_and_claim(shape, limit), params)
                 written = {job_id for row in rows for job_id in row["written"] or ()}
                 rows = [row for row in rows if row["id"] is not None]
             else:
@@ -977,7 +985,7 @@ class SqlAlchemyJobStore:
                                lease_seconds=lease_seconds)
         with _driver_errors("claim"):
             if self._postgres:
-                rows = self._statement(_POSTGRES_CLAIM, params)
+                rows = self._statement(_postgres_claim(limit), params)
             else:
                 with self._transactions.write() as conn:
                     rows = self._sqlite_claim(conn, params)
