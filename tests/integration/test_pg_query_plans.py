@@ -119,12 +119,14 @@ WHERE strpos(statement, 'SKIP LOCKED') > 0 ORDER BY prepare_time
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("batch", [1, 10])
 def test_prepared_claims_are_not_planned_again_at_every_call_on_a_long_queue(
-        pg_engine: sa.Engine) -> None:
+        pg_engine: sa.Engine, batch: int) -> None:
     """psycopg prepares a statement from its fifth run on; PostgreSQL then tries
     five custom plans before it settles on one plan for every call. With a
-    long queue it must still settle, for a claim and for a finish-and-claim:
-    planning these statements costs about as much as running them."""
+    long queue it must still settle, for a claim and for a finish-and-claim,
+    whether it finishes one job or several: planning these statements costs
+    about as much as running them."""
     with pg_engine.begin() as conn:
         conn.exec_driver_sql(SEED_QUEUED, {"count": 20_000})
     with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -135,13 +137,13 @@ def test_prepared_claims_are_not_planned_again_at_every_call_on_a_long_queue(
         calls = 20
         claims = []
         for _ in range(calls):
-            claims = store.claim(worker_id="w", limit=10, now=NOW, lease_seconds=60)
+            claims = store.claim(worker_id="w", limit=batch, now=NOW, lease_seconds=60)
         for _ in range(calls):
             finished = [core.apply(claim.job, Event.SUCCEED, core.Evidence(
                 now=NOW, token=claim.token, result={})) for claim in claims]
-            written, claims = store.commit_and_claim(finished, worker_id="w", limit=10,
+            written, claims = store.commit_and_claim(finished, worker_id="w", limit=batch,
                                                      now=NOW, lease_seconds=60)
-            assert written == [change.after for change in finished] and len(claims) == 10
+            assert written == [change.after for change in finished] and len(claims) == batch
         with engine.connect() as conn:  # the pool's one connection: its prepared statements
             plans = conn.exec_driver_sql(PLANS_OF_CLAIMS).all()
     finally:

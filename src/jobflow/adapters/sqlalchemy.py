@@ -213,7 +213,7 @@ def _change_records(changes: Sequence[Change]) -> tuple[_BatchShape, dict[str, A
     params: dict[str, Any] = {}
     varying = set()
     for (name, _), values in zip(_batch_fields(columns), zip(*rows, strict=True), strict=True):
-        if name == "job_id" or not _all_same(values):
+        if not _all_same(values):
             varying.add(name)
             params[f"batch_{name}"] = [_as_text(value) for value in values]
         else:
@@ -323,25 +323,31 @@ def _postgres_batch_write(shape: _BatchShape) -> sa.CTE:
     """PostgreSQL: a compare-and-set per element of the batch's arrays (see
     :func:`_change_records`) writing ``shape.columns``, and each winner's
     history row. The CTE returns the history rows written (``job_id``,
-    ``to_status``). Values travel as text and are cast to their column's type."""
+    ``to_status``). Values travel as text and are cast to their column's type.
+    A batch of one change has no arrays: its job is found by primary key in
+    the plan PostgreSQL makes once for every call, as a single commit's is."""
     fields = _batch_fields(shape.columns)
     params = {name: sa.bindparam(f"batch_{name}",
                                  type_=_TEXT_ARRAY if name in shape.varying else sa.Text)
               for name, _ in fields}
+    value: dict[str, sa.ColumnElement[Any]] = {
+        name: sa.cast(params[name], type_) for name, type_ in fields}
+    found = [jobs.c.id == value["job_id"]]
     varying = [(name, type_) for name, type_ in fields if name in shape.varying]
-    batch = (sa.func.unnest(*(sa.cast(params[name], postgresql.ARRAY(type_))
-                              for name, type_ in varying))
-             .table_valued(*(sa.column(name, type_) for name, type_ in varying))
-             .render_derived(name="batch"))
-    value = {name: batch.c[name] if name in shape.varying else sa.cast(params[name], type_)
-             for name, type_ in fields}
+    if varying:
+        batch = (sa.func.unnest(*(sa.cast(params[name], postgresql.ARRAY(type_))
+                                  for name, type_ in varying))
+                 .table_valued(*(sa.column(name, type_) for name, type_ in varying))
+                 .render_derived(name="batch"))
+        value.update((name, batch.c[name]) for name, _ in varying)
+        # The planner cannot see how long the arrays are when it plans once
+        # for all calls; this lets it find the jobs by primary key.
+        found = [jobs.c.id == batch.c.job_id,
+                 jobs.c.id == sa.any_(sa.cast(params["job_id"], _UUID_ARRAY))]
     changed = (
         sa.update(jobs)
-        .where(jobs.c.id == value["job_id"], jobs.c.status == value["expected_status"],
-               jobs.c.lease_token.is_not_distinct_from(value["expected_token"]),
-               # The planner cannot see how long the arrays are when it plans
-               # once for all calls; this lets it find the jobs by primary key.
-               jobs.c.id == sa.any_(sa.cast(params["job_id"], _UUID_ARRAY)))
+        .where(*found, jobs.c.status == value["expected_status"],
+               jobs.c.lease_token.is_not_distinct_from(value["expected_token"]))
         .values({name: value[f"job_{name}"] for name in shape.columns})
         .values(history_length=jobs.c.history_length + 1)
         .returning(jobs.c.id, jobs.c.history_length,
