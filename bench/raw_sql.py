@@ -7,6 +7,12 @@ their ``claim`` history rows; the finish does the compare-and-set to ``done``
 (status and lease token) for the whole batch and appends the ``succeed``
 history rows. Each statement is its own committed transaction.
 
+As in the store, the batch size is written into the claiming statements
+(PostgreSQL plans a LIMIT parameter for a tenth of the rows, and a prepared
+statement would then be planned again at every call), and one held job is
+finished through scalar parameters rather than one-element arrays (planned
+once for every call, too).
+
 Two variants:
 
 * ``finish="with the next claim"``: one statement finishes the batch held and
@@ -35,7 +41,7 @@ WITH claimed AS (
         WHERE status = 'queued' AND run_at <= now() AND attempts < max_attempts
           AND upload_verified_at IS NOT NULL
         ORDER BY run_at, id
-        LIMIT %(limit)s
+        LIMIT {limit}
         FOR UPDATE SKIP LOCKED))
     RETURNING job.*
 ), logged AS (
@@ -54,7 +60,7 @@ finished AS (
     SET status = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL,
         finished_at = now(), updated_at = now(), result = '{}',
         history_length = job.history_length + 1
-    FROM unnest(%(ids)s::uuid[], %(tokens)s::text[]) AS held(id, token)
+    FROM {held} AS held(id, token)
     WHERE job.id = held.id AND job.status = 'quick_running' AND job.lease_token = held.token
     RETURNING job.id, job.history_length, job.attempts, held.token
 ), finish_logged AS (
@@ -70,7 +76,18 @@ FINISH = f"WITH {_FINISHED}\nSELECT count(*) FROM finish_logged"
 FINISH_AND_CLAIM = CLAIM.replace("WITH claimed AS", f"WITH {_FINISHED}, claimed AS", 1)
 
 
+#: The held jobs a finishing statement reads: one job as scalars, more as arrays.
+_ONE_HELD = "(VALUES (%(id)s::uuid, %(token)s::text))"
+_HELD = "unnest(%(ids)s::uuid[], %(tokens)s::text[])"
+
+
+def _holding(statement: str, held: list[dict[str, Any]]) -> str:
+    return statement.replace("{held}", _ONE_HELD if len(held) == 1 else _HELD)
+
+
 def _held(held: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(held) == 1:
+        return {"id": held[0]["id"], "token": held[0]["lease_token"]}
     return {"ids": [job["id"] for job in held], "tokens": [job["lease_token"] for job in held]}
 
 
@@ -98,13 +115,14 @@ def claim(connection: psycopg.Connection[Any], batch: int, worker: str,
           finishing: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Claim up to ``batch`` jobs in one committed statement; the claimed rows.
     With ``finishing``, the same statement first moves those held jobs to ``done``."""
-    return _run(connection, FINISH_AND_CLAIM if finishing else CLAIM,
-                {"limit": batch, "worker": worker, **_held(finishing or [])})
+    statement = _holding(FINISH_AND_CLAIM, finishing) if finishing else CLAIM
+    return _run(connection, statement.replace("{limit}", str(int(batch))),
+                {"worker": worker, **(_held(finishing) if finishing else {})})
 
 
 def finish(connection: psycopg.Connection[Any], held: list[dict[str, Any]], worker: str) -> None:
     """Move the claimed jobs ``held`` to ``done`` in one committed statement."""
-    _run(connection, FINISH, {**_held(held), "worker": worker})
+    _run(connection, _holding(FINISH, held), {**_held(held), "worker": worker})
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
