@@ -61,7 +61,7 @@ finished AS (
         finished_at = now(), updated_at = now(), result = '{}',
         history_length = job.history_length + 1
     FROM {held} AS held(id, token)
-    WHERE job.id = held.id AND job.status = 'quick_running' AND job.lease_token = held.token
+    WHERE job.id = held.id AND job.status = 'quick_running' AND job.lease_token = held.token{by_key}
     RETURNING job.id, job.history_length, job.attempts, held.token
 ), finish_logged AS (
     INSERT INTO jobflow_job_events (
@@ -76,13 +76,16 @@ FINISH = f"WITH {_FINISHED}\nSELECT count(*) FROM finish_logged"
 FINISH_AND_CLAIM = CLAIM.replace("WITH claimed AS", f"WITH {_FINISHED}, claimed AS", 1)
 
 
-#: The held jobs a finishing statement reads: one job as scalars, more as arrays.
-_ONE_HELD = "(VALUES (%(id)s::uuid, %(token)s::text))"
-_HELD = "unnest(%(ids)s::uuid[], %(tokens)s::text[])"
+#: The held jobs a finishing statement reads: one job as scalars, more as arrays
+#: (then also matched by primary key, as the store does: a plan made once for
+#: every call cannot see how long the arrays are).
+_ONE_HELD = ("(VALUES (%(id)s::uuid, %(token)s::text))", "")
+_HELD = ("unnest(%(ids)s::uuid[], %(tokens)s::text[])", " AND job.id = ANY(%(ids)s::uuid[])")
 
 
 def _holding(statement: str, held: list[dict[str, Any]]) -> str:
-    return statement.replace("{held}", _ONE_HELD if len(held) == 1 else _HELD)
+    source, by_key = _ONE_HELD if len(held) == 1 else _HELD
+    return statement.replace("{held}", source).replace("{by_key}", by_key)
 
 
 def _held(held: list[dict[str, Any]]) -> dict[str, Any]:
