@@ -83,15 +83,15 @@ _ONE_HELD = ("(VALUES (%(id)s::uuid, %(token)s::text))", "")
 _HELD = ("unnest(%(ids)s::uuid[], %(tokens)s::text[])", " AND job.id = ANY(%(ids)s::uuid[])")
 
 
-def _holding(statement: str, held: list[dict[str, Any]]) -> str:
-    source, by_key = _ONE_HELD if len(held) == 1 else _HELD
-    return statement.replace("{held}", source).replace("{by_key}", by_key)
-
-
-def _held(held: list[dict[str, Any]]) -> dict[str, Any]:
+def _finishing(statement: str, held: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """``statement`` reading the jobs ``held``, and their parameters."""
     if len(held) == 1:
-        return {"id": held[0]["id"], "token": held[0]["lease_token"]}
-    return {"ids": [job["id"] for job in held], "tokens": [job["lease_token"] for job in held]}
+        (source, by_key), params = _ONE_HELD, {"id": held[0]["id"],
+                                               "token": held[0]["lease_token"]}
+    else:
+        (source, by_key), params = _HELD, {"ids": [job["id"] for job in held],
+                                           "tokens": [job["lease_token"] for job in held]}
+    return statement.replace("{held}", source).replace("{by_key}", by_key), params
 
 
 #: Runs of a statement PostgreSQL rolled back to break a deadlock, as jobflow's store does.
@@ -118,14 +118,15 @@ def claim(connection: psycopg.Connection[Any], batch: int, worker: str,
           finishing: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Claim up to ``batch`` jobs in one committed statement; the claimed rows.
     With ``finishing``, the same statement first moves those held jobs to ``done``."""
-    statement = _holding(FINISH_AND_CLAIM, finishing) if finishing else CLAIM
+    statement, held = _finishing(FINISH_AND_CLAIM, finishing) if finishing else (CLAIM, {})
     return _run(connection, statement.replace("{limit}", str(int(batch))),
-                {"worker": worker, **(_held(finishing) if finishing else {})})
+                {"worker": worker, **held})
 
 
 def finish(connection: psycopg.Connection[Any], held: list[dict[str, Any]], worker: str) -> None:
     """Move the claimed jobs ``held`` to ``done`` in one committed statement."""
-    _run(connection, _holding(FINISH, held), {**_held(held), "worker": worker})
+    statement, params = _finishing(FINISH, held)
+    _run(connection, statement, {**params, "worker": worker})
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:

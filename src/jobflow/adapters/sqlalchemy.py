@@ -100,6 +100,7 @@ _FIELD_INDEXES = range(len(JOB_FIELDS))
 # Change.history_values.
 _EVENT_COLUMNS = tuple(field.name for field in attrs.fields(JobEvent))[2:]
 _EVENT_PARAMS = tuple(f"event_{name}" for name in _EVENT_COLUMNS)
+_JOB_PARAMS = tuple(f"job_{column}" for column in _ROW_COLUMNS)
 
 
 # -- rows and domain objects ------------------------------------------------------------
@@ -123,8 +124,7 @@ def _event_from_row(row: Mapping[Any, Any]) -> JobEvent:
 def _job_params(job: Job) -> dict[str, Any]:
     """The ``job_<column>`` parameters that store ``job`` (every column but
     ``history_length``, which the database counts)."""
-    return {f"job_{_COLUMN_OF_FIELD.get(name, name)}": getattr(job, name)
-            for name in JOB_FIELDS}
+    return dict(zip(_JOB_PARAMS, job_values(job), strict=True))
 
 
 def _event_params(change: Change) -> dict[str, Any]:
