@@ -204,6 +204,23 @@ def test_commit_many_numbers_history_like_single_commits_and_refuses_repeats(
     assert store.counts()[JobStatus.DONE] == 2
 
 
+def test_values_that_vary_within_a_batch_are_stored_exactly(
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore) -> None:
+    """On PostgreSQL a field that varies within a batch travels as one text
+    array: quotes, backslashes, separators, braces and NULL-like text must
+    all come back."""
+    awkward = ['say "hi"', "back\\slash", 'both \\"', "a,b", "{braces}", "NULL", " spaced ",
+               "", "é 漢字"]
+    for _ in awkward:
+        queued(flow, objects)
+    claims = flow.claim("w1", limit=len(awkward))
+    done = flow.succeed_many([(claim, {"text": text})
+                              for claim, text in zip(claims, awkward, strict=True)])
+    assert [store.get(claim.job.id).result for claim in claims] == [
+        {"text": text} for text in awkward]
+    assert [store.get(claim.job.id) for claim in claims] == done
+
+
 def test_commit_and_claim_finishes_a_batch_and_claims_in_one_call(
         flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     for _ in range(4):
