@@ -233,6 +233,13 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
     now = ev.now
     obj = ev.obj
     match edge.event, edge.dest:
+        # The cases are tried in order: the one run for every finished job first.
+        case Event.SUCCEED, _:
+            return (
+                {**_LEASE_FREE, "finished_at": now, "result": ev.result,
+                 "error_code": None, "error_message": None},
+                {},
+            )
         case Event.VERIFY_UPLOAD, _:
             assert obj is not None
             return {**_verified(obj, now), "run_at": now}, _object_detail(obj)
@@ -264,12 +271,6 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
             expires = now + timedelta(seconds=ev.lease_seconds or ev.policy.lease_seconds)
             return {"lease_expires_at": expires}, {
                 "lease_expires_at": expires.isoformat(), **ev.detail}
-        case Event.SUCCEED, _:
-            return (
-                {**_LEASE_FREE, "finished_at": now, "result": ev.result,
-                 "error_code": None, "error_message": None},
-                {},
-            )
         case Event.RETRY, _:
             delay = ev.retry_delay if ev.retry_delay is not None else ev.policy.retry_delay(
                 job.attempts)
