@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import json
 import operator
 import re
@@ -95,7 +94,6 @@ _FIELD_OF_COLUMN = {column: field for field, column in _COLUMN_OF_FIELD.items()}
 # The row's columns in the order of Job's fields (Job takes them positionally).
 _ROW_COLUMNS = tuple(_COLUMN_OF_FIELD.get(name, name) for name in JOB_FIELDS)
 _STATUS_INDEX = JOB_FIELDS.index("status")
-_FIELD_INDEXES = range(len(JOB_FIELDS))
 # A history row's columns but job_id and seq: JobEvent's fields, in the order of
 # Change.history_values.
 _EVENT_COLUMNS = tuple(field.name for field in attrs.fields(JobEvent))[2:]
@@ -176,11 +174,11 @@ def _as_text(value: object) -> str | None:
 
 def _changed_columns(changes: Sequence[Change]) -> tuple[str, ...]:
     """The job columns any of ``changes`` writes, in table order (``updated_at`` always)."""
-    changed: set[int] = set()
-    for change in changes:
-        old, new = job_values(change.before), job_values(change.after)
-        changed.update(itertools.compress(_FIELD_INDEXES, map(operator.ne, old, new)))
-    fields = {"updated_at", *(JOB_FIELDS[index] for index in changed)}
+    # Field by field: each field's values before and after, compared as tuples.
+    before = zip(*(job_values(change.before) for change in changes), strict=True)
+    after = zip(*(job_values(change.after) for change in changes), strict=True)
+    fields = {"updated_at", *(name for name, old, new in zip(JOB_FIELDS, before, after, strict=True)
+                              if old != new)}
     return tuple(c.name for c in _JOB_COLUMNS
                  if _FIELD_OF_COLUMN.get(c.name, c.name) in fields and c.name != "id")
 
