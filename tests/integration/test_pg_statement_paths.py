@@ -120,3 +120,51 @@ def test_driver_errors_keep_the_parameters_hidden_when_the_engine_does(
         engine.dispose()
     cause = str(info.value.__cause__)
     assert "hidden due to hide_parameters=True" in cause and "[parameters:" not in cause
+
+
+def test_the_pool_gets_its_connections_back_as_it_lent_them(
+        pg_engine: sa.Engine, objects: InMemoryObjectStore) -> None:
+    """The store runs each statement in autocommit on a pooled connection; a
+    host sharing the engine must still get transactions that roll back, after
+    a statement of the store succeeded and after one failed."""
+    engine = sa.create_engine(pg_engine.url, pool_size=1, max_overflow=0)
+    flow = flow_on(SqlAlchemyJobStore(engine), objects)
+    job_id = flow.initiate_upload("alice", content_type="video/mp4").job_id
+
+    def host_deletes_the_history_and_rolls_back() -> None:
+        with engine.connect() as host:
+            host.execute(sa.text("DELETE FROM jobflow_job_events WHERE job_id = :id"),
+                         {"id": job_id})
+            host.rollback()
+
+    try:
+        job = flow.get(job_id)
+        host_deletes_the_history_and_rolls_back()
+        assert len(flow.history(job_id)) == 1, "after a statement that succeeded"
+        forged = Change(event=Event.VERIFY_UPLOAD, before=job,
+                        after=job.evolve(status=JobStatus.QUEUED))
+        with pytest.raises(InvalidInput):
+            flow.store.commit(forged)
+        host_deletes_the_history_and_rolls_back()
+        assert len(flow.history(job_id)) == 1, "after a statement the database refused"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("event", ["handle_error", "engine_connect"])
+def test_error_and_connection_listeners_see_the_store_through_sqlalchemy(
+        pg_engine: sa.Engine, objects: InMemoryObjectStore, event: str) -> None:
+    engine = sa.create_engine(pg_engine.url)
+    heard: list[object] = []
+    sa.event.listen(engine, event, lambda *args: heard.append(args))
+    try:
+        flow = flow_on(SqlAlchemyJobStore(engine), objects)
+        job = flow.get(flow.initiate_upload("alice", content_type="video/mp4").job_id)
+        forged = Change(event=Event.VERIFY_UPLOAD, before=job,
+                        after=job.evolve(status=JobStatus.QUEUED))
+        heard.clear()
+        with pytest.raises(InvalidInput):
+            flow.store.commit(forged)
+    finally:
+        engine.dispose()
+    assert heard, f"the {event} listener heard the refused commit"

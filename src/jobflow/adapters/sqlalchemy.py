@@ -14,12 +14,14 @@ one transaction:
   A write that makes a job ``queued`` also sends ``NOTIFY`` on
   :data:`NOTIFY_CHANNEL` (payload: the job id), delivered at commit.
   The statements are built and compiled by SQLAlchemy once; on the store's
-  own connections they are then sent straight to psycopg 3, past SQLAlchemy's
-  execution layer (about a third of a millisecond of processor time per
-  statement, comparable to the database's own work on a small claim). An
-  engine that logs statements (``echo``) or has statement event listeners
-  gets them through SQLAlchemy's execution layer, as does a store bound to
-  the host's transaction.
+  own connections they are then sent straight to psycopg 3 on a connection
+  taken from the engine's pool, past SQLAlchemy's Connection and execution
+  layer (about a third of a millisecond of processor time per statement,
+  comparable to the database's own work on a small claim). An engine that
+  logs statements (``echo``) or has listeners for statements, their errors
+  (``handle_error``) or new Connections (``engine_connect``) gets them
+  through SQLAlchemy's execution layer, as does a store bound to the host's
+  transaction.
 * On SQLite each write runs inside ``BEGIN IMMEDIATE`` (one writer at a time;
   others wait up to the busy timeout). File databases are switched to WAL so
   that readers never block the writer.
@@ -55,6 +57,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
 
 from jobflow.adapters.sqlalchemy_schema import UTCDateTime, events, jobs, status_is
 from jobflow.errors import (
@@ -646,27 +649,30 @@ def _driver_statement(statement: sa.Select[Any] | sa.CompoundSelect[Any],
         results=tuple((index, process) for index, process in results if process is not None))
 
 
-_STATEMENT_EVENTS = ("before_execute", "after_execute",
-                     "before_cursor_execute", "after_cursor_execute")
+# The engine events the direct path would not fire: its statements, and the
+# SQLAlchemy Connection it does not make. Statement errors are dialect events.
+_EXECUTION_EVENTS = ("before_execute", "after_execute", "before_cursor_execute",
+                     "after_cursor_execute", "engine_connect")
 
 
 def _watched(engine: Engine) -> bool:
-    """Whether SQLAlchemy logs the statements run on ``engine`` or has listeners for them."""
-    return engine._should_log_info() or any(
-        getattr(engine.dispatch, name) for name in _STATEMENT_EVENTS)
+    """Whether SQLAlchemy logs the statements run on ``engine`` or has listeners
+    for its statements, their errors or its connections."""
+    return engine._should_log_info() or bool(engine.dialect.dispatch.handle_error) or any(
+        getattr(engine.dispatch, name) for name in _EXECUTION_EVENTS)
 
 
 _CURSOR = "jobflow_raw_cursor"
 
 
-def _driver_cursor(conn: Connection) -> Any:
-    """The psycopg ``RawCursor`` kept on ``conn``'s pooled connection: reused, it
-    keeps the types it has looked up (a new one costs about 30 us per call)."""
+def _driver_cursor(connection: PoolProxiedConnection) -> Any:
+    """The psycopg ``RawCursor`` kept on a pooled connection: reused, it keeps
+    the types it has looked up (a new one costs about 30 us per call)."""
     import psycopg  # only PostgreSQL needs it
     from psycopg.types.string import TextLoader
 
-    driver = conn.connection.driver_connection
-    info = conn.connection.info
+    driver = connection.driver_connection
+    info = connection.info
     cursor = info.get(_CURSOR)
     if cursor is None or cursor.connection is not driver or cursor.closed:
         cursor = info[_CURSOR] = psycopg.RawCursor(driver)  # type: ignore[arg-type]
@@ -676,24 +682,55 @@ def _driver_cursor(conn: Connection) -> Any:
     return cursor
 
 
-def _driver_execute(conn: Connection, prepared: _DriverStatement,
-                    args: list[Any]) -> list[Any]:
-    """Run ``prepared`` on ``conn``'s psycopg connection, past SQLAlchemy's
-    execution layer; the driver's rows. Driver errors are raised as SQLAlchemy
+def _driver_execute(engine: Engine, prepared: _DriverStatement, args: list[Any]) -> list[Any]:
+    """Run ``prepared`` as its own transaction on one of ``engine``'s pooled
+    psycopg connections, past SQLAlchemy's Connection and execution layer;
+    the driver's rows.
+
+    The connection comes from the engine's pool (whose checkout and checkin
+    events, pre-ping and recycling apply), is switched to autocommit for the
+    statement, and goes back as it was found: a SQLAlchemy Connection with
+    the AUTOCOMMIT isolation level does the same through its own machinery,
+    for about 30 us more per call. Driver errors are raised as SQLAlchemy
     raises them, and a lost connection is invalidated as SQLAlchemy does."""
-    dialect = conn.dialect
+    dialect = engine.dialect
     try:
-        cursor = _driver_cursor(conn)
-        cursor.execute(prepared.sql, args)
-        return cursor.fetchall()  # type: ignore[no-any-return]
+        connection = engine.raw_connection()
     except dialect.loaded_dbapi.Error as exc:
-        invalidated = dialect.is_disconnect(exc, conn.connection, None)
+        raise _driver_error(engine, exc, None, None,
+                            invalidated=dialect.is_disconnect(exc, None, None)) from exc
+    try:
+        driver = connection.driver_connection
+        driver.autocommit = True  # type: ignore[union-attr]
+        cursor = _driver_cursor(connection)
+        cursor.execute(prepared.sql, args)
+        rows: list[Any] = cursor.fetchall()
+        driver.autocommit = False  # type: ignore[union-attr]
+        return rows
+    except dialect.loaded_dbapi.Error as exc:
+        invalidated = dialect.is_disconnect(exc, connection, None)
+        if not invalidated:
+            try:  # the statement was its own transaction: none is left open
+                driver.autocommit = False  # type: ignore[union-attr]
+            except dialect.loaded_dbapi.Error:
+                invalidated = True
         if invalidated:
-            conn.invalidate(exc)
-        raise sa_exc.DBAPIError.instance(
-            prepared.sql, args, exc, dialect.loaded_dbapi.Error,
-            hide_parameters=conn.engine.hide_parameters, connection_invalidated=invalidated,
-            dialect=dialect) from exc
+            connection.invalidate(exc)
+        raise _driver_error(engine, exc, prepared.sql, args, invalidated=invalidated) from exc
+    except BaseException:  # interrupted mid-statement: the connection's state is unknown
+        connection.invalidate()
+        raise
+    finally:
+        connection.close()
+
+
+def _driver_error(engine: Engine, exc: Exception, statement: str | None, args: list[Any] | None,
+                  *, invalidated: bool) -> sa_exc.StatementError:
+    """A driver error as SQLAlchemy raises it."""
+    return sa_exc.DBAPIError.instance(
+        statement, args, exc, engine.dialect.loaded_dbapi.Error,
+        hide_parameters=engine.hide_parameters, connection_invalidated=invalidated,
+        dialect=engine.dialect)
 
 
 # -- where statements run ----------------------------------------------------------------------
@@ -893,9 +930,9 @@ class SqlAlchemyJobStore:
         On the store's own PostgreSQL connections it goes straight to psycopg,
         and a pooled connection is held only while the database runs it: its
         parameters are prepared before, its rows processed after. An engine
-        that logs statements or has statement event listeners gets the
-        statement through SQLAlchemy's execution layer, so that they see
-        every statement.
+        that logs statements, or has listeners for statements, their errors
+        or new Connections, gets the statement through SQLAlchemy's execution
+        layer, so that they see every statement.
 
         Concurrent finish-and-claim statements can deadlock in PostgreSQL
         (seen "while locking updated version" of a job row: SKIP LOCKED does
@@ -908,9 +945,7 @@ class SqlAlchemyJobStore:
             try:
                 if self._direct and not _watched(self._engine):
                     prepared = _driver_statement(statement, self._engine.dialect)
-                    args = prepared.arguments(params)
-                    with transaction() as conn:
-                        rows = _driver_execute(conn, prepared, args)
+                    rows = _driver_execute(self._engine, prepared, prepared.arguments(params))
                     return prepared.rows(rows)
                 with transaction() as conn:
                     result = conn.execute(statement, params)
