@@ -699,21 +699,14 @@ def _driver_execute(engine: Engine, prepared: _DriverStatement, args: list[Any])
     except dialect.loaded_dbapi.Error as exc:
         raise _driver_error(engine, exc, None, None,
                             invalidated=dialect.is_disconnect(exc, None, None)) from exc
+    driver = connection.driver_connection
     try:
-        driver = connection.driver_connection
         driver.autocommit = True  # type: ignore[union-attr]
         cursor = _driver_cursor(connection)
         cursor.execute(prepared.sql, args)
-        rows: list[Any] = cursor.fetchall()
-        driver.autocommit = False  # type: ignore[union-attr]
-        return rows
+        return cursor.fetchall()  # type: ignore[no-any-return]
     except dialect.loaded_dbapi.Error as exc:
         invalidated = dialect.is_disconnect(exc, connection, None)
-        if not invalidated:
-            try:  # the statement was its own transaction: none is left open
-                driver.autocommit = False  # type: ignore[union-attr]
-            except dialect.loaded_dbapi.Error:
-                invalidated = True
         if invalidated:
             connection.invalidate(exc)
         raise _driver_error(engine, exc, prepared.sql, args, invalidated=invalidated) from exc
@@ -721,6 +714,11 @@ def _driver_execute(engine: Engine, prepared: _DriverStatement, args: list[Any])
         connection.invalidate()
         raise
     finally:
+        if connection.is_valid:
+            try:  # the statement was its own transaction: none is left open
+                driver.autocommit = False  # type: ignore[union-attr]
+            except dialect.loaded_dbapi.Error as exc:
+                connection.invalidate(exc)
         connection.close()
 
 
