@@ -121,6 +121,11 @@ class _Rows:
         return cls(tuple(names), tuple(zip(*rows, strict=True)) if rows
                    else tuple(() for _ in names))
 
+    @classmethod
+    def of_result(cls, result: sa.CursorResult[Any]) -> _Rows:
+        """The rows of a statement run through SQLAlchemy's execution layer."""
+        return cls.of(tuple(result.keys()), result.all())
+
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
 
@@ -946,8 +951,7 @@ class SqlAlchemyJobStore:
                     rows = _driver_execute(self._engine, prepared, prepared.arguments(params))
                     return prepared.rows(rows)
                 with transaction() as conn:
-                    result = conn.execute(statement, params)
-                    return _Rows.of(tuple(result.keys()), result.all())
+                    return _Rows.of_result(conn.execute(statement, params))
             except sa_exc.DBAPIError as exc:
                 deadlocked = getattr(exc.orig, "sqlstate", None) == _DEADLOCK_DETECTED
                 if not (deadlocked and self._own_statements and tries < DEADLOCK_TRIES):
@@ -1048,8 +1052,7 @@ class SqlAlchemyJobStore:
     @staticmethod
     def _sqlite_claim(conn: Connection, params: dict[str, Any]) -> _Rows:
         """SQLite, inside the caller's write transaction: take due jobs, log each claim."""
-        result = conn.execute(_SQLITE_CLAIM, params)
-        rows = _Rows.of(tuple(result.keys()), result.all())
+        rows = _Rows.of_result(conn.execute(_SQLITE_CLAIM, params))
         if rows:
             conn.execute(_INSERT_EVENT, [
                 {**params, "event_job_id": job_id, "event_seq": seq, "event_attempt": attempt}
