@@ -154,11 +154,15 @@ class Job:
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with ``changes``: :func:`attrs.evolve` without its generic
-        per-call work (every transition makes one)."""
-        values = list(job_values(self))
-        for name, value in changes.items():
-            values[_JOB_FIELD_INDEX[name]] = value
-        return Job(*values)
+        per-call work (every transition makes one). A job's fields live in its
+        ``__dict__`` (it has no validators or converters), copied as a whole."""
+        if not changes.keys() <= _JOB_FIELD_NAMES:
+            raise TypeError(f"Job has no field {sorted(changes.keys() - _JOB_FIELD_NAMES)[0]!r}")
+        copy = object.__new__(Job)
+        fields = copy.__dict__
+        fields.update(self.__dict__)
+        fields.update(changes)
+        return copy
 
     @property
     def verified_object(self) -> ObjectInfo | None:
@@ -179,7 +183,7 @@ class Job:
 JOB_FIELDS = tuple(field.name for field in attrs.fields(Job))
 #: A job's field values, as a tuple in :data:`JOB_FIELDS` order.
 job_values = operator.attrgetter(*JOB_FIELDS)
-_JOB_FIELD_INDEX = {name: index for index, name in enumerate(JOB_FIELDS)}
+_JOB_FIELD_NAMES = frozenset(JOB_FIELDS)
 
 
 @attrs.frozen

@@ -121,7 +121,7 @@ def _table(machine: Machine) -> Mapping[tuple[Event, JobStatus], tuple[Edge, ...
 TABLE = _table(MACHINE)
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)  # built for every decision: cheaper to build unslotted, as Job
 class Evidence:
     """Everything an event's guards and effects may look at. No I/O behind it."""
 

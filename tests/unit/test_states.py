@@ -208,3 +208,14 @@ def test_a_malformed_policy_is_refused(changes: dict[str, object]) -> None:
 def test_backoff_doubles_and_is_capped() -> None:
     policy = UploadPolicy(backoff_seconds=2, backoff_max_seconds=5)
     assert [policy.retry_delay(n).total_seconds() for n in (1, 2, 3)] == [2, 4, 5]
+
+
+def test_a_transition_copies_the_job_and_leaves_the_snapshot_alone() -> None:
+    before = running()
+    done = core.apply(before, Event.SUCCEED, evidence(token="tok", result={"n": 1})).after
+    assert done == attrs.evolve(before, status=JobStatus.DONE, lease_token=None,
+                                lease_owner=None, lease_expires_at=None, finished_at=START,
+                                result={"n": 1})
+    assert before.status is JobStatus.QUICK_RUNNING and before.lease_token == "tok"
+    with pytest.raises(TypeError, match="no field 'colour'"):
+        before.evolve(colour="red")
