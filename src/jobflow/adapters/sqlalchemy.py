@@ -9,8 +9,9 @@ one transaction:
   due jobs with ``FOR UPDATE SKIP LOCKED`` from the partial index of queued
   jobs, so concurrent claimers on many hosts never wait for, nor share, a job.
   ``commit_many`` sends a whole batch of changes as text values (one per
-  field the batch shares, one array per field that varies) and applies them
-  in one statement, still a compare-and-set and a history row per job.
+  field the batch shares, one array literal per field that varies) and
+  applies them in one statement, still a compare-and-set and a history row
+  per job.
   A write that makes a job ``queued`` also sends ``NOTIFY`` on
   :data:`NOTIFY_CHANNEL` (payload: the job id), delivered at commit.
   The statements are built and compiled by SQLAlchemy once; on the store's
