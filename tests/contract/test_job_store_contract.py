@@ -206,19 +206,21 @@ def test_commit_many_numbers_history_like_single_commits_and_refuses_repeats(
 
 def test_values_that_vary_within_a_batch_are_stored_exactly(
         flow: JobFlow, store: JobStore, objects: InMemoryObjectStore) -> None:
-    """On PostgreSQL a field that varies within a batch travels as one text
-    array: quotes, backslashes, separators, braces and NULL-like text must
-    all come back."""
+    """On PostgreSQL a field that varies within a batch travels as one array
+    literal: quotes, backslashes, separators, braces, NULL-like text and NULL
+    itself must all come back."""
     awkward = ['say "hi"', "back\\slash", 'both \\"', "a,b", "{braces}", "NULL", " spaced ",
                "", "é 漢字"]
-    for _ in awkward:
+    results: list[dict[str, str] | None] = [{"text": text} for text in awkward] + [None]
+    for _ in results:
         queued(flow, objects)
-    claims = flow.claim("w1", limit=len(awkward))
-    done = flow.succeed_many([(claim, {"text": text})
-                              for claim, text in zip(claims, awkward, strict=True)])
-    assert [store.get(claim.job.id).result for claim in claims] == [
-        {"text": text} for text in awkward]
-    assert [store.get(claim.job.id) for claim in claims] == done
+    claims = flow.claim("w1", limit=len(results))
+    changes = [core.apply(claim.job, Event.SUCCEED, core.Evidence(
+        now=flow.now(), policy=POLICY, token=claim.token, result=result))
+        for claim, result in zip(claims, results, strict=True)]
+    assert store.commit_many(changes) == [change.after for change in changes]
+    assert [store.get(claim.job.id).result for claim in claims] == results
+    assert [store.get(claim.job.id) for claim in claims] == [change.after for change in changes]
 
 
 def test_commit_and_claim_finishes_a_batch_and_claims_in_one_call(
