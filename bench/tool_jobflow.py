@@ -1,9 +1,10 @@
 """jobflow's side of the benchmarks, through its public API only.
 
-``JobFlow.claim(worker_id, limit=batch)``, then ``JobFlow.succeed_and_claim``
-(one statement finishes the batch held and claims the next) on a
+``JobFlow.claim_loop(worker_id, limit=batch)`` (each batch finished with the
+claim of a later one in one statement, the next batch claimed ahead, the
+statements pipelined on one connection) on a
 :class:`~jobflow.adapters.sqlalchemy.SqlAlchemyJobStore`, in one claim loop
-per worker process or in several (threads sharing one JobFlow, each call on
+per worker process or in several (threads sharing one JobFlow, each loop on
 its own pooled connection), and a
 :class:`~jobflow.worker.Worker` for the wake-up figures. Log lines below
 WARNING are dropped, as the peers' are (their loggers are not configured).
@@ -65,8 +66,7 @@ def claim_statements(flow: JobFlow) -> list[tuple[str, Any]]:
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
     """One worker process: ``settings["loops"]`` threads (default 1) sharing one
-    JobFlow, each claiming ``batch`` jobs, then finishing each batch and claiming
-    the next in one call, until none is left."""
+    JobFlow, each running a claim loop of ``batch`` jobs until none is left."""
     quiet_logging()
     loops: int = settings.get("loops", 1)
     flow = make_flow(settings["sqlalchemy_url"], pool_size=max(loops, 2))
@@ -78,10 +78,9 @@ def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
     worker_id = f"bench-{settings['worker_index']}"
 
     def claim_until_empty() -> None:
-        claims = flow.claim(worker_id, limit=batch)
-        while claims:
-            _, claims = flow.succeed_and_claim([(claim, None) for claim in claims], worker_id,
-                                               limit=batch)
+        with flow.claim_loop(worker_id, limit=batch) as loop:
+            for claims in loop:
+                loop.succeed([(claim, None) for claim in claims])
 
     wait_for_start()
     if loops == 1:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from types import TracebackType
 from typing import Any
 
 import structlog
@@ -44,7 +46,7 @@ from jobflow.models import (
     UploadPolicy,
     UploadTicket,
 )
-from jobflow.ports import Clock, JobStore, ObjectStore
+from jobflow.ports import ClaimPipeline, Clock, JobStore, ObjectStore
 
 MAX_ID_LENGTH = 255
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -340,6 +342,13 @@ class JobFlow:
             lease_seconds=lease)
         return batch.settle(written), self._claimed(claims, worker_id)
 
+    def claim_loop(self, worker_id: str, *, limit: int = 1,
+                   lease_seconds: float | None = None) -> ClaimLoop:
+        """Batches of up to ``limit`` claims, the next always claimed ahead, each
+        batch finished with a later claim in one write: see :class:`ClaimLoop`."""
+        worker_id, lease = self._claim_args(worker_id, limit, lease_seconds)
+        return ClaimLoop(self, worker_id, limit=limit, lease_seconds=lease)
+
     def fail(self, claim: Claim, error: str, *, retryable: bool = True,
              retry_in: timedelta | None = None, error_code: str | None = None) -> Job:
         """Record a handler error: retry with backoff while attempts remain, else fail."""
@@ -462,3 +471,144 @@ class _SucceededBatch:
             except LeaseLost as lost:
                 outcomes[index] = lost
         return [outcomes[index] for index in range(len(self._pairs))]
+
+
+class ClaimLoop:
+    """Claims jobs in batches and finishes those that succeeded, one write ahead::
+
+        with flow.claim_loop("worker-1", limit=100) as loop:
+            for claims in loop:
+                loop.succeed([(claim, handle(claim.job)) for claim in claims])
+
+    Iterating gives batches of up to ``limit`` claims until a claim finds no
+    job. :meth:`succeed` finishes the jobs of the batch just given out (each
+    its own compare-and-set on status and lease token, as
+    :meth:`JobFlow.succeed_many`) in one write with the claim of a later
+    batch: the next batch was claimed ahead while the caller ran this one.
+    On PostgreSQL these writes go in libpq's pipeline mode on one connection,
+    so the database runs one while the caller works; elsewhere the same
+    calls are made one at a time.
+
+    The jobs of a batch not passed to :meth:`succeed` are the caller's to
+    :meth:`~JobFlow.fail` or :meth:`~JobFlow.release`. A job whose lease was
+    lost is not finished; its :class:`~jobflow.errors.LeaseLost` is kept in
+    :attr:`lost`. Leaving the loop waits for the writes in flight and hands
+    back (releases) the jobs claimed ahead and not given out. When the store
+    fails the loop raises :class:`~jobflow.errors.StorageUnavailable`; the
+    writes in flight then may or may not have been made (each in full or not
+    at all), and jobs left running are rescued when their leases expire.
+    """
+
+    def __init__(self, flow: JobFlow, worker_id: str, *, limit: int,
+                 lease_seconds: float) -> None:
+        self._flow = flow
+        self._worker_id, self._limit, self._lease_seconds = worker_id, limit, lease_seconds
+        self._pipeline: ClaimPipeline | None = None
+        self._owed = False  # a batch was given out and not yet followed by a write
+        #: The lost leases of the jobs passed to :meth:`succeed` so far.
+        self.lost: list[LeaseLost] = []
+
+    def __enter__(self) -> ClaimLoop:
+        if self._pipeline is not None:
+            raise RuntimeError("a ClaimLoop runs once; create a new one")
+        flow, worker_id, limit, lease = (self._flow, self._worker_id, self._limit,
+                                         self._lease_seconds)
+        open_pipeline = getattr(flow.store, "claim_pipeline", None)
+        pipeline: ClaimPipeline | None = None
+        if open_pipeline is not None:
+            pipeline = open_pipeline(worker_id=worker_id, limit=limit, lease_seconds=lease)
+        self._pipeline = pipeline or _OneAtATime(flow.store, worker_id=worker_id, limit=limit,
+                                                 lease_seconds=lease)
+        try:
+            for _ in range(2):  # the first batch, and the one claimed ahead
+                self._pipeline.send(None, [], now=flow.now())
+        except BaseException:
+            self._pipeline.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        pipeline = self._running()
+        ahead: list[Claim] = []
+        try:
+            try:
+                while pipeline.in_flight:
+                    ahead += self._receive(pipeline)
+            finally:
+                pipeline.close()  # before the releases, which take connections of their own
+            for claim in ahead:
+                self._flow.release(claim, reason="claimed ahead, not started")
+        except JobflowError as failure:
+            if exc_type is None:
+                raise
+            self._flow._log.warning("claim_loop.close_failed", error=str(failure))
+
+    def __iter__(self) -> ClaimLoop:
+        return self
+
+    def __next__(self) -> list[Claim]:
+        pipeline = self._running()
+        if self._owed:  # the last batch was finished some other way: claim on
+            self._owed = False
+            pipeline.send(None, [], now=self._flow.now())
+        while pipeline.in_flight:
+            claims = self._receive(pipeline)
+            if claims:
+                self._owed = True
+                return claims
+        raise StopIteration
+
+    def succeed(self, finished: Sequence[tuple[Claim, JSONDict | None]]) -> None:
+        """Finish these claimed jobs, each with its result (a JSON object or None),
+        in one write with the claim of a later batch; once per batch given out."""
+        pipeline = self._running()
+        if not self._owed:
+            raise InvalidInput("succeed() takes the jobs of the batch just given out, once")
+        batch = _SucceededBatch(self._flow, finished)
+        pipeline.send(batch, batch.changes, now=self._flow.now())
+        self._owed = False
+
+    def _running(self) -> ClaimPipeline:
+        if self._pipeline is None:
+            raise RuntimeError("use a ClaimLoop inside a with block")
+        return self._pipeline
+
+    def _receive(self, pipeline: ClaimPipeline) -> list[Claim]:
+        token, written, claims = pipeline.receive()
+        if isinstance(token, _SucceededBatch):
+            self.lost.extend(outcome for outcome in token.settle(written)
+                             if isinstance(outcome, LeaseLost))
+        return self._flow._claimed(claims, self._worker_id)
+
+
+class _OneAtATime:
+    """A :class:`~jobflow.ports.ClaimPipeline` for stores without one: each
+    write is made when it is sent."""
+
+    def __init__(self, store: JobStore, *, worker_id: str, limit: int,
+                 lease_seconds: float) -> None:
+        self._store = store
+        self._worker_id, self._limit, self._lease_seconds = worker_id, limit, lease_seconds
+        self._outcomes: deque[tuple[object, list[Job | None], list[Claim]]] = deque()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._outcomes)
+
+    def send(self, token: object, changes: Sequence[Change], *, now: datetime) -> None:
+        store, worker_id, limit, lease = (self._store, self._worker_id, self._limit,
+                                          self._lease_seconds)
+        if changes:
+            written, claims = store.commit_and_claim(changes, worker_id=worker_id, limit=limit,
+                                                     now=now, lease_seconds=lease)
+        else:
+            written, claims = [], store.claim(worker_id=worker_id, limit=limit, now=now,
+                                              lease_seconds=lease)
+        self._outcomes.append((token, written, claims))
+
+    def receive(self) -> tuple[object, list[Job | None], list[Claim]]:
+        return self._outcomes.popleft()
+
+    def close(self) -> None:
+        self._outcomes.clear()

@@ -104,6 +104,33 @@ class JobStore(Protocol):
         ...
 
 
+class ClaimPipeline(Protocol):
+    """Finish-and-claim writes sent ahead of their outcomes (see
+    :meth:`~jobflow.flow.JobFlow.claim_loop`). A store may offer one through
+    ``claim_pipeline(worker_id=..., limit=..., lease_seconds=...)``; each write
+    is then :meth:`JobStore.commit_and_claim`, or :meth:`JobStore.claim` when
+    there are no changes, with outcomes received in the order sent (a
+    write run again, after a deadlock, comes back later)."""
+
+    @property
+    def in_flight(self) -> int:
+        """Writes sent whose outcomes were not received yet."""
+        ...
+
+    def send(self, token: object, changes: Sequence[Change], *, now: datetime) -> None:
+        """Send one write; :meth:`receive` returns ``token`` with its outcome."""
+        ...
+
+    def receive(self) -> tuple[object, list[Job | None], list[Claim]]:
+        """The next outcome: the token, the jobs written (None for a change that
+        lost), the claims."""
+        ...
+
+    def close(self) -> None:
+        """Release what the pipeline holds (outcomes not received are dropped)."""
+        ...
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """Where uploads land: S3, a local folder, or memory.
@@ -151,4 +178,4 @@ class ObjectStore(Protocol):
         ...
 
 
-__all__: Sequence[str] = ["Clock", "JobStore", "ObjectStore"]
+__all__: Sequence[str] = ["ClaimPipeline", "Clock", "JobStore", "ObjectStore"]

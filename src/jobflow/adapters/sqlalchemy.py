@@ -44,12 +44,14 @@ import functools
 import json
 import operator
 import re
+import selectors
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import attrs
 import sqlalchemy as sa
@@ -312,6 +314,29 @@ def _claims(rows: _Rows) -> list[Claim]:
 
 
 _CLAIM_ORDER = operator.attrgetter("run_at", "id")
+
+
+def _finish_and_claim(known: Sequence[Change], params: dict[str, Any],
+                      limit: int) -> sa.Select[Any] | sa.CompoundSelect[Any]:
+    """PostgreSQL: the statement that writes ``known`` (checked by :func:`_batch`)
+    and claims up to ``limit`` jobs; adds the batch's values to ``params``
+    (those of :func:`_claim_params`). Without changes, the claim alone."""
+    if not known:
+        return _postgres_claim(limit)
+    shape, batch = _change_records(known)
+    params.update(batch)
+    return _postgres_commit_and_claim(shape, limit)
+
+
+def _written_ids(rows: _Rows) -> set[str]:
+    """The ids of the jobs a finish-and-claim statement wrote (none for a claim)."""
+    if "written" not in rows.names:
+        return set()
+    return {job_id for ids in rows["written"] if ids for job_id in ids}
+
+
+def _outcomes(changes: Sequence[Change], written: set[str]) -> list[Job | None]:
+    return [change.after if change.after.id in written else None for change in changes]
 
 
 # -- statements, built once (building them per call costs more than running them) -------------
@@ -744,6 +769,196 @@ def _driver_error(engine: Engine, exc: Exception, statement: str | None, args: l
         dialect=engine.dialect)
 
 
+# -- statements in pipeline mode ---------------------------------------------------------------
+
+_PIPELINE_NAMES = "jobflow_pipeline_statements"
+_PIPELINED = "finish and claim jobs in a pipeline"
+
+
+@attrs.define(eq=False)
+class _Sent:
+    """A statement in flight: what it finishes (``token`` is the caller's)."""
+
+    token: object
+    changes: Sequence[Change]
+    prepared: _DriverStatement
+    args: Sequence[Any]
+    tries: int = 1
+
+
+class PostgresClaimPipeline:
+    """PostgreSQL: claiming and finish-and-claim statements on one pooled
+    connection in libpq's pipeline mode, each sent without waiting for the
+    rows of the ones before it, so the database runs one while the caller
+    works on the rows of another.
+
+    Each statement is followed by a sync point: it is its own transaction, as
+    on the store's other paths. Results come back in the order the statements
+    were sent, except that a statement rolled back to break a deadlock is sent
+    again (up to :data:`DEADLOCK_TRIES` runs) and comes back after those
+    already in flight. Statements are prepared on the connection once (a
+    prepared statement is planned as psycopg's own would be). Any other error
+    breaks the pipeline: its connection is invalidated when it is closed, and
+    the statements still in flight may or may not have run (each in full or
+    not at all).
+    """
+
+    def __init__(self, engine: Engine, *, worker_id: str, limit: int,
+                 lease_seconds: float) -> None:
+        from psycopg.adapt import Transformer
+
+        self._engine = engine
+        self._worker_id, self._limit, self._lease_seconds = worker_id, limit, lease_seconds
+        self._in_flight: deque[_Sent | None] = deque()  # None: a statement being prepared
+        self._broken = False
+        dialect = engine.dialect
+        try:
+            self._connection = engine.raw_connection()
+        except dialect.loaded_dbapi.Error as exc:
+            raise _driver_error(engine, exc, None, None,
+                                invalidated=dialect.is_disconnect(exc, None, None)) from exc
+        try:
+            driver: Any = self._connection.driver_connection
+            driver.autocommit = True
+            self._transformer = Transformer.from_context(_driver_cursor(self._connection))
+            self._pgconn = driver.pgconn
+            names = self._connection.info.get(_PIPELINE_NAMES)
+            if names is None or names[0] is not driver:
+                names = self._connection.info[_PIPELINE_NAMES] = (driver, {})
+            self._names: dict[str, bytes] = names[1]
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._pgconn.socket, selectors.EVENT_READ)
+            self._pgconn.enter_pipeline_mode()
+        except dialect.loaded_dbapi.Error as exc:
+            self._connection.invalidate(exc)
+            self._connection.close()
+            raise _driver_error(engine, exc, None, None, invalidated=True) from exc
+
+    @property
+    def in_flight(self) -> int:
+        """Statements sent whose results were not received yet."""
+        return sum(sent is not None for sent in self._in_flight)
+
+    def send(self, token: object, changes: Sequence[Change], *, now: datetime) -> None:
+        """Send the statement that writes ``changes`` (each its own compare-and-set,
+        as :meth:`SqlAlchemyJobStore.commit_and_claim`) and claims the next jobs;
+        :meth:`receive` gives its outcome with ``token``."""
+        from psycopg.adapt import PyFormat
+
+        params = _claim_params(worker_id=self._worker_id, limit=self._limit, now=now,
+                               lease_seconds=self._lease_seconds)
+        prepared = _driver_statement(_finish_and_claim(_batch(changes), params, self._limit),
+                                     self._engine.dialect)
+        with _driver_errors(_PIPELINED):
+            args = prepared.arguments(params)
+            self._send(_Sent(token, changes, prepared,
+                             self._transformer.dump_sequence(args, [PyFormat.TEXT] * len(args))))
+
+    def receive(self) -> tuple[object, list[Job | None], list[Claim]]:
+        """The outcome of the next statement to finish: its token, the jobs it
+        wrote (None for a change that lost), and its claims."""
+        with _driver_errors(_PIPELINED):
+            return self._receive()
+
+    def _receive(self) -> tuple[object, list[Job | None], list[Claim]]:
+        from psycopg import pq
+
+        while True:
+            sent = self._in_flight[0]
+            result = self._result()
+            if sent is not None:  # read up to the statement's sync point
+                while self._result().status != pq.ExecStatus.PIPELINE_SYNC:
+                    pass
+            self._in_flight.popleft()
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                self._statement_failed(result, sent)
+                continue  # rolled back by a deadlock: sent again
+            if sent is None:
+                continue  # prepared
+            self._transformer.set_pgresult(result)
+            rows = sent.prepared.rows(self._transformer.load_rows(0, result.ntuples, tuple))
+            return sent.token, _outcomes(sent.changes, _written_ids(rows)), _claims(rows)
+
+    def close(self) -> None:
+        """Leave pipeline mode and give the connection back to the pool (invalidated
+        if the pipeline broke or statements are still in flight)."""
+        connection = self._connection
+        try:
+            if self._broken or self._in_flight:
+                connection.invalidate()
+            else:
+                self._pgconn.exit_pipeline_mode()
+                connection.driver_connection.autocommit = False  # type: ignore[union-attr]
+        except self._engine.dialect.loaded_dbapi.Error as exc:
+            connection.invalidate(exc)
+        finally:
+            self._selector.close()
+            connection.close()
+
+    def _send(self, sent: _Sent) -> None:
+        pgconn = self._pgconn
+        try:
+            name = self._names.get(sent.prepared.sql)
+            if name is None:
+                name = f"jobflow_{len(self._names)}".encode()
+                pgconn.send_prepare(name, sent.prepared.sql.encode())
+                self._names[sent.prepared.sql] = name
+                self._in_flight.append(None)
+            pgconn.send_query_prepared(name, sent.args)
+            pgconn.pipeline_sync()
+            self._in_flight.append(sent)
+            while pgconn.flush():  # the server may be waiting for us to read
+                self._wait(selectors.EVENT_READ | selectors.EVENT_WRITE)
+        except self._engine.dialect.loaded_dbapi.Error as exc:
+            self._lost(exc, sent)
+
+    def _result(self) -> Any:
+        """The next result (a PGresult) of the statements in flight."""
+        pgconn = self._pgconn
+        try:
+            while True:
+                pgconn.consume_input()
+                while pgconn.is_busy():
+                    self._wait(selectors.EVENT_READ)
+                    pgconn.consume_input()
+                result = pgconn.get_result()
+                if result is not None:
+                    return result
+        except self._engine.dialect.loaded_dbapi.Error as exc:
+            self._lost(exc, None)
+
+    def _wait(self, events: int) -> None:
+        self._selector.modify(self._pgconn.socket, events)
+        self._selector.select()
+        if events & selectors.EVENT_WRITE:
+            self._pgconn.consume_input()
+
+    def _statement_failed(self, result: Any, sent: _Sent | None) -> None:
+        """Send a deadlocked statement again, or raise its error as SQLAlchemy would."""
+        import psycopg
+        from psycopg import pq
+
+        sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+        if sent is not None and sqlstate == _DEADLOCK_DETECTED and sent.tries < DEADLOCK_TRIES:
+            sent.tries += 1
+            self._send(sent)
+            return
+        self._broken = True
+        message = (result.error_message or b"").decode(errors="replace").strip()
+        try:
+            error: Exception = psycopg.errors.lookup(sqlstate)(message)
+        except KeyError:
+            error = psycopg.DatabaseError(message)
+        raise _driver_error(self._engine, error, sent.prepared.sql if sent else None, None,
+                            invalidated=False) from error
+
+    def _lost(self, exc: Exception, sent: _Sent | None) -> NoReturn:
+        """The connection failed: the pipeline is broken."""
+        self._broken = True
+        raise _driver_error(self._engine, exc, sent.prepared.sql if sent else None, None,
+                            invalidated=True) from exc
+
+
 # -- where statements run ----------------------------------------------------------------------
 
 
@@ -1013,7 +1228,7 @@ class SqlAlchemyJobStore:
             else:
                 with self._transactions.write() as conn:
                     written = self._sqlite_commit_many(conn, known)
-        return [change.after if change.after.id in written else None for change in changes]
+        return _outcomes(changes, written)
 
     def commit_and_claim(self, changes: Sequence[Change], *, worker_id: str, limit: int,
                          now: datetime, lease_seconds: float
@@ -1026,16 +1241,25 @@ class SqlAlchemyJobStore:
                                lease_seconds=lease_seconds)
         with _driver_errors("commit a batch of changes and claim"):
             if self._postgres:
-                shape, batch = _change_records(known)
-                params.update(batch)
-                rows = self._statement(_postgres_commit_and_claim(shape, limit), params)
-                written = {job_id for ids in rows["written"] if ids for job_id in ids}
+                rows = self._statement(_finish_and_claim(known, params, limit), params)
+                written = _written_ids(rows)
             else:
                 with self._transactions.write() as conn:
                     written = self._sqlite_commit_many(conn, known)
                     rows = self._sqlite_claim(conn, params)
-        return ([change.after if change.after.id in written else None for change in changes],
-                _claims(rows))
+        return _outcomes(changes, written), _claims(rows)
+
+    def claim_pipeline(self, *, worker_id: str, limit: int,
+                       lease_seconds: float) -> PostgresClaimPipeline | None:
+        """A :class:`PostgresClaimPipeline` on one of the store's own PostgreSQL
+        connections; None where the store's statements go through SQLAlchemy's
+        execution layer (SQLite, a bound store, an engine with listeners):
+        the caller then makes its calls one at a time."""
+        if not self._direct or _watched(self._engine):
+            return None
+        with _driver_errors("open a claim pipeline"):
+            return PostgresClaimPipeline(self._engine, worker_id=worker_id, limit=limit,
+                                 lease_seconds=lease_seconds)
 
     def _sqlite_commit_many(self, conn: Connection, changes: Sequence[Change]) -> set[str]:
         """SQLite, inside the caller's write transaction: the ids of the changes written."""
