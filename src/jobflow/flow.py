@@ -504,13 +504,15 @@ class ClaimLoop:
         self._flow = flow
         self._worker_id, self._limit, self._lease_seconds = worker_id, limit, lease_seconds
         self._pipeline: ClaimPipeline | None = None
+        self._used = False
         self._owed = False  # a batch was given out and not yet followed by a write
         #: The lost leases of the jobs passed to :meth:`succeed` so far.
         self.lost: list[LeaseLost] = []
 
     def __enter__(self) -> ClaimLoop:
-        if self._pipeline is not None:
+        if self._used:
             raise RuntimeError("a ClaimLoop runs once; create a new one")
+        self._used = True
         flow, worker_id, limit, lease = (self._flow, self._worker_id, self._limit,
                                          self._lease_seconds)
         open_pipeline = getattr(flow.store, "claim_pipeline", None)
@@ -530,6 +532,7 @@ class ClaimLoop:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         pipeline = self._running()
+        self._pipeline = None
         ahead: list[Claim] = []
         try:
             try:
@@ -571,7 +574,7 @@ class ClaimLoop:
 
     def _running(self) -> ClaimPipeline:
         if self._pipeline is None:
-            raise RuntimeError("use a ClaimLoop inside a with block")
+            raise RuntimeError("use a ClaimLoop inside its with block")
         return self._pipeline
 
     def _receive(self, pipeline: ClaimPipeline) -> list[Claim]:

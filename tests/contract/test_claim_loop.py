@@ -98,9 +98,15 @@ def test_succeed_takes_the_batch_just_given_out_once(flow: JobFlow,
     assert flow.counts()[JobStatus.DONE] == 2
 
 
-def test_a_claim_loop_is_used_inside_its_with_block(flow: JobFlow) -> None:
+def test_a_claim_loop_is_used_inside_its_with_block_once(flow: JobFlow) -> None:
     loop = flow.claim_loop("w1", limit=1)
     with pytest.raises(RuntimeError, match="with block"):
         next(loop)
+    with loop:
+        assert list(loop) == []
+    with pytest.raises(RuntimeError, match="with block"):
+        next(loop)
+    with pytest.raises(RuntimeError, match="runs once"), loop:
+        pass
     with pytest.raises(InvalidInput):
         flow.claim_loop("w1", limit=0)
