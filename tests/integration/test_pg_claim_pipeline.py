@@ -4,10 +4,12 @@ or is dropped when the pipeline broke."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import sqlalchemy as sa
 
-from jobflow import JobFlow, JobStatus
+from jobflow import Event, JobFlow, JobStatus
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import PostgresClaimPipeline, SqlAlchemyJobStore
 from jobflow.errors import StorageUnavailable
@@ -74,4 +76,48 @@ def test_a_connection_lost_mid_loop_raises_storage_unavailable(
     assert engine.pool.checkedout() == 0
     statuses = {flow.get(job_id).status for job_id in job_ids}  # the pool recovered
     assert statuses <= {JobStatus.QUEUED, JobStatus.QUICK_RUNNING, JobStatus.DONE}
+    engine.dispose()
+
+
+def test_a_statement_rolled_back_by_a_deadlock_is_sent_again(
+        pg_engine: sa.Engine, objects: InMemoryObjectStore) -> None:
+    """Another transaction locks one job of a batch; the pipeline's finishing
+    statement locks the other (its plan takes the higher id first) and waits
+    for the first; the other transaction then asks for the second job.
+    PostgreSQL rolls the pipeline's statement back (it waited first), and the
+    pipeline sends it again."""
+    engine = sa.create_engine(pg_engine.url, connect_args={"application_name": "deadlock-loop"})
+    flow = flow_on(SqlAlchemyJobStore(engine), objects)
+    queue(flow, objects, 2)
+    other_waited: list[bool] = []
+    with flow.claim_loop("w1", limit=2) as loop, pg_engine.connect() as other:
+        claims = sorted(next(loop), key=lambda claim: claim.job.id)
+        first, second = (claim.job.id for claim in claims)
+        other.execute(sa.text("SELECT id FROM jobflow_jobs WHERE id = :id FOR UPDATE"),
+                      {"id": first})
+        loop.succeed([(claim, None) for claim in claims])
+        with pg_engine.connect() as watcher:
+            while not watcher.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'deadlock-loop' AND wait_event_type = 'Lock'")).scalar():
+                watcher.rollback()
+        other.execute(sa.text("SAVEPOINT probe"))
+        with pytest.raises(sa.exc.OperationalError, match="could not obtain lock"):
+            other.execute(sa.text("SELECT id FROM jobflow_jobs WHERE id = :id FOR UPDATE NOWAIT"),
+                          {"id": second})  # the pipeline's statement holds it
+        other.execute(sa.text("ROLLBACK TO SAVEPOINT probe"))
+
+        def take_the_second() -> None:
+            other.execute(sa.text("UPDATE jobflow_jobs SET updated_at = updated_at "
+                                  "WHERE id = :id"), {"id": second})
+            other_waited.append(True)
+            other.rollback()
+
+        taker = threading.Thread(target=take_the_second)
+        taker.start()
+        assert list(loop) == []
+        taker.join()
+    assert other_waited == [True], "the other transaction got the row: the pipeline's gave way"
+    assert {flow.get(job_id).status for job_id in (first, second)} == {JobStatus.DONE}
+    assert [row.event for row in flow.history(first)].count(Event.SUCCEED) == 1
     engine.dispose()
