@@ -489,6 +489,11 @@ class ClaimLoop:
     so the database runs one while the caller works; elsewhere the same
     calls are made one at a time.
 
+    A batch waits a batch's time before it is given out, under its lease:
+    choose ``lease_seconds`` longer than two batches take to run. A claim
+    whose lease ran out while it waited is not given out (``reconcile``
+    rescues its job), so no job is run by two workers at once.
+
     The jobs of a batch not passed to :meth:`succeed` are the caller's to
     :meth:`~JobFlow.fail` or :meth:`~JobFlow.release`. A job whose lease was
     lost is not finished; its :class:`~jobflow.errors.LeaseLost` is kept in
@@ -556,10 +561,15 @@ class ClaimLoop:
             self._owed = False
             pipeline.send(None, [], now=self._flow.now())
         while pipeline.in_flight:
-            claims = self._receive(pipeline)
+            received = self._receive(pipeline)
+            now = self._flow.now()
+            claims = [claim for claim in received if claim.job.lease_expires_at is None
+                      or claim.job.lease_expires_at > now]
             if claims:
                 self._owed = True
                 return claims
+            if received:  # their leases ran out while they waited: claim on
+                pipeline.send(None, [], now=now)
         raise StopIteration
 
     def succeed(self, finished: Sequence[tuple[Claim, JSONDict | None]]) -> None:

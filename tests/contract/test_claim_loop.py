@@ -83,6 +83,20 @@ def test_a_lost_lease_is_reported_and_the_other_jobs_finish(
                                                   Event.SUCCEED]
 
 
+def test_a_claim_whose_lease_ran_out_while_it_waited_is_not_given_out(
+        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore,
+        clock: ManualClock) -> None:
+    first, second = queue(flow, objects, 2)
+    with flow.claim_loop("w1", limit=1, lease_seconds=30) as loop:
+        [claim] = next(loop)
+        clock.advance(31)  # the job claimed ahead waited past its lease
+        loop.succeed([(claim, None)])
+        assert list(loop) == []
+    [waited] = {first, second} - {claim.job.id}
+    assert store.get(waited).status is JobStatus.QUICK_RUNNING
+    assert flow.reconcile().rescued == (waited,)
+
+
 def test_succeed_takes_the_batch_just_given_out_once(flow: JobFlow,
                                                      objects: InMemoryObjectStore) -> None:
     queue(flow, objects, 2)
