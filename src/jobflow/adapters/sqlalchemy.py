@@ -22,7 +22,10 @@ one transaction:
   logs statements (``echo``) or has listeners for statements, their errors
   (``handle_error``) or new Connections (``engine_connect``) gets them
   through SQLAlchemy's execution layer, as does a store bound to the host's
-  transaction.
+  transaction. :meth:`SqlAlchemyJobStore.claim_pipeline` gives
+  :meth:`~jobflow.flow.JobFlow.claim_loop` a :class:`PostgresClaimPipeline`:
+  its finish-and-claim statements go in libpq's pipeline mode on one
+  connection, each still its own transaction.
 * On SQLite each write runs inside ``BEGIN IMMEDIATE`` (one writer at a time;
   others wait up to the busy timeout). File databases are switched to WAL so
   that readers never block the writer.
