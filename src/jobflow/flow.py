@@ -610,15 +610,9 @@ class _OneAtATime:
         return len(self._outcomes)
 
     def send(self, token: object, changes: Sequence[Change], *, now: datetime) -> None:
-        store, worker_id, limit, lease = (self._store, self._worker_id, self._limit,
-                                          self._lease_seconds)
-        if changes:
-            written, claims = store.commit_and_claim(changes, worker_id=worker_id, limit=limit,
-                                                     now=now, lease_seconds=lease)
-        else:
-            written, claims = [], store.claim(worker_id=worker_id, limit=limit, now=now,
-                                              lease_seconds=lease)
-        self._outcomes.append((token, written, claims))
+        self._outcomes.append((token, *self._store.commit_and_claim(
+            changes, worker_id=self._worker_id, limit=self._limit, now=now,
+            lease_seconds=self._lease_seconds)))
 
     def receive(self) -> tuple[object, list[Job | None], list[Claim]]:
         return self._outcomes.popleft()

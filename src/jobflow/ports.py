@@ -108,9 +108,9 @@ class ClaimPipeline(Protocol):
     """Finish-and-claim writes sent ahead of their outcomes (see
     :meth:`~jobflow.flow.JobFlow.claim_loop`). A store may offer one through
     ``claim_pipeline(worker_id=..., limit=..., lease_seconds=...)``; each write
-    is then :meth:`JobStore.commit_and_claim`, or :meth:`JobStore.claim` when
-    there are no changes, with outcomes received in the order sent (a
-    write run again, after a deadlock, comes back later)."""
+    is then :meth:`JobStore.commit_and_claim` (a claim alone when there are no
+    changes), with outcomes received in the order sent (a write run again,
+    after a deadlock, comes back later)."""
 
     @property
     def in_flight(self) -> int:

@@ -735,14 +735,8 @@ def _driver_execute(engine: Engine, prepared: _DriverStatement, args: list[Any])
     for about 30 us more per call. Driver errors are raised as SQLAlchemy
     raises them, and a lost connection is invalidated as SQLAlchemy does."""
     dialect = engine.dialect
+    connection = _checkout(engine)
     try:
-        connection = engine.raw_connection()
-    except dialect.loaded_dbapi.Error as exc:
-        raise _driver_error(engine, exc, None, None,
-                            invalidated=dialect.is_disconnect(exc, None, None)) from exc
-    driver = connection.driver_connection
-    try:
-        driver.autocommit = True  # type: ignore[union-attr]
         cursor = _driver_cursor(connection)
         cursor.execute(prepared.sql, args)
         return cursor.fetchall()  # type: ignore[no-any-return]
@@ -755,12 +749,37 @@ def _driver_execute(engine: Engine, prepared: _DriverStatement, args: list[Any])
         connection.invalidate()
         raise
     finally:
-        if connection.is_valid:
-            try:  # the statement was its own transaction: none is left open
-                driver.autocommit = False  # type: ignore[union-attr]
-            except dialect.loaded_dbapi.Error as exc:
-                connection.invalidate(exc)
+        _give_back(engine, connection)
+
+
+def _checkout(engine: Engine) -> PoolProxiedConnection:
+    """One of ``engine``'s pooled psycopg connections, switched to autocommit;
+    a failure is raised as SQLAlchemy raises it."""
+    dialect = engine.dialect
+    try:
+        connection = engine.raw_connection()
+    except dialect.loaded_dbapi.Error as exc:
+        raise _driver_error(engine, exc, None, None,
+                            invalidated=dialect.is_disconnect(exc, None, None)) from exc
+    try:
+        connection.driver_connection.autocommit = True  # type: ignore[union-attr]
+    except dialect.loaded_dbapi.Error as exc:
+        connection.invalidate(exc)
         connection.close()
+        raise _driver_error(engine, exc, None, None, invalidated=True) from exc
+    return connection
+
+
+def _give_back(engine: Engine, connection: PoolProxiedConnection) -> None:
+    """Return a connection from :func:`_checkout` to the pool as it was lent:
+    out of autocommit (its statements were their own transactions, so none is
+    left open), or invalidated if that fails."""
+    if connection.is_valid:
+        try:
+            connection.driver_connection.autocommit = False  # type: ignore[union-attr]
+        except engine.dialect.loaded_dbapi.Error as exc:
+            connection.invalidate(exc)
+    connection.close()
 
 
 def _driver_error(engine: Engine, exc: Exception, statement: str | None, args: list[Any] | None,
@@ -814,15 +833,9 @@ class PostgresClaimPipeline:
         self._worker_id, self._limit, self._lease_seconds = worker_id, limit, lease_seconds
         self._in_flight: deque[_Sent | None] = deque()  # None: a statement being prepared
         self._broken = False
-        dialect = engine.dialect
-        try:
-            self._connection = engine.raw_connection()
-        except dialect.loaded_dbapi.Error as exc:
-            raise _driver_error(engine, exc, None, None,
-                                invalidated=dialect.is_disconnect(exc, None, None)) from exc
+        self._connection = _checkout(engine)
         try:
             driver: Any = self._connection.driver_connection
-            driver.autocommit = True
             self._transformer = Transformer.from_context(_driver_cursor(self._connection))
             self._pgconn = driver.pgconn
             names = self._connection.info.get(_PIPELINE_NAMES)
@@ -832,7 +845,7 @@ class PostgresClaimPipeline:
             self._selector = selectors.DefaultSelector()
             self._selector.register(self._pgconn.socket, selectors.EVENT_READ)
             self._pgconn.enter_pipeline_mode()
-        except dialect.loaded_dbapi.Error as exc:
+        except engine.dialect.loaded_dbapi.Error as exc:
             self._connection.invalidate(exc)
             self._connection.close()
             raise _driver_error(engine, exc, None, None, invalidated=True) from exc
@@ -891,12 +904,11 @@ class PostgresClaimPipeline:
                 connection.invalidate()
             else:
                 self._pgconn.exit_pipeline_mode()
-                connection.driver_connection.autocommit = False  # type: ignore[union-attr]
         except self._engine.dialect.loaded_dbapi.Error as exc:
             connection.invalidate(exc)
         finally:
             self._selector.close()
-            connection.close()
+            _give_back(self._engine, connection)
 
     def _send(self, sent: _Sent) -> None:
         pgconn = self._pgconn
@@ -1237,9 +1249,6 @@ class SqlAlchemyJobStore:
                          now: datetime, lease_seconds: float
                          ) -> tuple[list[Job | None], list[Claim]]:
         known = _batch(changes)
-        if not known:
-            return [None] * len(changes), self.claim(
-                worker_id=worker_id, limit=limit, now=now, lease_seconds=lease_seconds)
         params = _claim_params(worker_id=worker_id, limit=limit, now=now,
                                lease_seconds=lease_seconds)
         with _driver_errors("commit a batch of changes and claim"):
