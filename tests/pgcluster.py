@@ -24,7 +24,9 @@ import sqlalchemy as sa
 SERVER_USER = "postgres"
 # Durability is worthless for a cluster deleted after the run; speed is not.
 _FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off",
-                  "max_connections=200")
+                  "max_connections=200",
+                  # Tests count the statements a worker sends (CREATE EXTENSION first).
+                  "shared_preload_libraries=pg_stat_statements")
 
 
 class PostgresUnavailable(RuntimeError):

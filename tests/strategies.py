@@ -38,6 +38,9 @@ def job_ids() -> Callable[[], str]:
 owners = st.sampled_from(["alice", "bob"])
 workers = st.sampled_from(["worker-1", "worker-2", "worker-3"])
 claim_limits = st.integers(min_value=1, max_value=3)
+#: How a worker ends an attempt in a batch (``JobFlow.finish_many``).
+OUTCOME_KINDS = ("succeeded", "retry", "fail", "release")
+outcome_kinds = st.sampled_from(OUTCOME_KINDS)
 #: Small steps, a lease's length, an upload deadline's length.
 clock_steps = st.sampled_from([1, 15, 61, 601, 3601])
 params = st.dictionaries(st.sampled_from(["width", "codec", "note"]),

@@ -4,11 +4,15 @@ from jobflow.flow import JobFlow
 from jobflow.models import (
     Claim,
     Event,
+    Failed,
     Job,
     JobEvent,
     JobStatus,
     ObjectInfo,
+    Outcome,
     ReconcileReport,
+    Released,
+    Succeeded,
     UploadPolicy,
     UploadTicket,
 )
@@ -16,12 +20,16 @@ from jobflow.models import (
 __all__ = [
     "Claim",
     "Event",
+    "Failed",
     "Job",
     "JobEvent",
     "JobFlow",
     "JobStatus",
     "ObjectInfo",
+    "Outcome",
     "ReconcileReport",
+    "Released",
+    "Succeeded",
     "UploadPolicy",
     "UploadTicket",
 ]

@@ -309,9 +309,10 @@ def load_handler(spec: str) -> Callable[..., Any]:
     return handler
 
 
-def run_until_signalled(worker: Any) -> None:
-    """Run ``worker`` in a thread, turning SIGTERM/SIGINT into a graceful stop and a
-    second one into an immediate exit (the leases then expire and jobs are rescued).
+def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
+    """Run ``worker`` (until idle, if asked) in a thread, turning SIGTERM/SIGINT into
+    a graceful stop and a second one into an immediate exit (the leases then
+    expire and jobs are rescued).
 
     The worker does not run in the main thread because Python runs signal handlers
     there: the handler must never wait for a lock the interrupted code holds.
@@ -333,7 +334,7 @@ def run_until_signalled(worker: Any) -> None:
 
     def run() -> None:
         try:
-            worker.run()
+            worker.run(until_idle=until_idle)
         except BaseException as exc:
             failure.append(exc)
 
@@ -355,7 +356,9 @@ def run_until_signalled(worker: Any) -> None:
 @env_option("--handler", envvar="JOBFLOW_HANDLER", required=True, metavar="MODULE:FUNCTION",
             help="The function run for each job: handler(job, ctx), returning a JSON object.")
 @env_option("--concurrency", "-c", envvar="JOBFLOW_CONCURRENCY", type=click.IntRange(min=1),
-            default=1, show_default=True, help="Jobs run at once (one thread each).")
+            default=1, show_default=True,
+            help="Jobs run at once (one reused handler thread each); claims and finishing "
+                 "writes go in batches of up to this many jobs.")
 @env_option("--lease-seconds", envvar="JOBFLOW_LEASE_SECONDS", type=seconds,
             default=_DEFAULT_POLICY.lease_seconds, show_default=True,
             help="How long a claim holds without a heartbeat; a dead worker's jobs are "
@@ -379,18 +382,25 @@ def run_until_signalled(worker: Any) -> None:
 @env_option("--job-timeout", envvar="JOBFLOW_JOB_TIMEOUT", type=seconds,
             help="Fail an attempt that runs longer than this (error code handler_timeout). "
                  "Default: no limit.")
+@env_option("--flush-interval", envvar="JOBFLOW_FLUSH_INTERVAL", type=seconds, default=0.005,
+            show_default=True,
+            help="Seconds a finished job's outcome may wait to be written with others, and a "
+                 "free slot to be claimed with others.")
 @env_option("--worker-id", envvar="JOBFLOW_WORKER_ID",
             help="Name in job histories. Default: host:pid:random.")
+@env_option("--burst", envvar="JOBFLOW_BURST", is_flag=True,
+            help="Reconcile once, run the jobs that are due, and exit 0 when none is left.")
 @flow_options
 def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: float,
            heartbeat_interval: float | None, poll_interval: float, listen: bool,
            listen_poll_interval: float, reconcile_interval: float, shutdown_grace: float,
-           job_timeout: float | None, worker_id: str | None) -> int:
-    """Run a worker until SIGTERM or SIGINT.
+           job_timeout: float | None, flush_interval: float, worker_id: str | None,
+           burst: bool) -> int:
+    """Run a worker until SIGTERM or SIGINT (with --burst: until the queue is empty).
 
     The first signal stops claiming, lets running jobs finish within the grace
-    period, hands the rest back to the queue (no attempt spent) and exits 0.
-    A second signal exits at once.
+    period, hands the rest back to the queue (no attempt spent), writes every
+    finished job's outcome and exits 0. A second signal exits at once.
     """
     from jobflow.wakeup import PollingWakeup, wakeup_for
     from jobflow.worker import Worker
@@ -402,9 +412,9 @@ def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: 
         lease_seconds=lease_seconds, heartbeat_interval=heartbeat_interval,
         poll_interval=poll_interval, listen_poll_interval=listen_poll_interval,
         reconcile_interval=reconcile_interval, shutdown_grace=shutdown_grace,
-        job_timeout=job_timeout,
+        job_timeout=job_timeout, flush_interval=flush_interval,
         wakeup=wakeup_for(flow.store) if listen else PollingWakeup())
-    run_until_signalled(running)
+    run_until_signalled(running, until_idle=burst)
     return ExitCode.OK
 
 

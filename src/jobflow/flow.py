@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import Any
 
 import structlog
@@ -38,21 +37,30 @@ from jobflow.models import (
     Claim,
     ErrorCode,
     Event,
+    Failed,
     Job,
     JobEvent,
     JobStatus,
     JSONDict,
+    Outcome,
     ReconcileReport,
+    Released,
+    Succeeded,
     UploadPolicy,
     UploadTicket,
 )
-from jobflow.ports import ClaimPipeline, Clock, JobStore, ObjectStore
+from jobflow.ports import Clock, JobStore, ObjectStore
 
 MAX_ID_LENGTH = 255
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 # A compare-and-set that loses re-reads the job and decides again; after this
 # many lost rounds in a row the caller gets the last refusal instead.
 _MAX_ROUNDS = 5
+#: The longest lease a claim or heartbeat may ask for (a week): longer is a mistake.
+MAX_LEASE_SECONDS = 7 * 24 * 3600.0
+
+#: A decision on a lease holder's job, given the evidence.
+_Decide = Callable[[Job, states.Evidence], Change]
 
 
 def utc_now() -> datetime:
@@ -79,6 +87,15 @@ def check_id(value: Any, what: str) -> str:
     if "\x00" in value:
         raise InvalidInput(f"{what} must not contain NUL characters")
     return value
+
+
+def _check_lease(seconds: Any) -> float:
+    """A lease length: a finite number of seconds in (0, :data:`MAX_LEASE_SECONDS`]."""
+    if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds) or not 0 < seconds <= MAX_LEASE_SECONDS):
+        raise InvalidInput(f"lease_seconds must be a number of seconds in "
+                           f"(0, {MAX_LEASE_SECONDS:g}], got {seconds!r}")
+    return float(seconds)
 
 
 class JobFlow:
@@ -273,9 +290,7 @@ class JobFlow:
         if not isinstance(limit, int) or limit < 1:
             raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
         lease = lease_seconds if lease_seconds is not None else self.policy.lease_seconds
-        if lease <= 0:
-            raise InvalidInput(f"lease_seconds must be > 0, got {lease!r}")
-        return worker_id, lease
+        return worker_id, _check_lease(lease)
 
     def _claimed(self, claims: list[Claim], worker_id: str) -> list[Claim]:
         if claims and self._logs_transitions():
@@ -283,82 +298,125 @@ class JobFlow:
                 self._log_transition(Event.CLAIM, claim.job, JobStatus.QUEUED, worker_id)
         return claims
 
-    def _leased(self, claim: Claim, decide: Callable[[Job, states.Evidence], Change],
-                **evidence: Any) -> Job:
+    def _as_holder(self, claim: Claim, decide: _Decide, evidence: dict[str, Any],
+                   now: datetime | None = None) -> Callable[[Job], Change]:
+        """``decide`` as the holder of ``claim``'s lease, at ``now`` (default: the
+        clock, read when deciding)."""
+        return lambda job: decide(job, self._evidence(
+            now, token=claim.token, worker_id=claim.job.lease_owner, **evidence))
+
+    def _leased(self, claim: Claim, decide: _Decide, evidence: dict[str, Any]) -> Job:
         """A lease holder's write. While its token is current only the holder
         changes the job, so the first round decides on the claim's own copy."""
-        job = claim.job
-        return self._transition(job.id, lambda current: decide(current, self._evidence(
-            token=claim.token, worker_id=job.lease_owner, **evidence)), snapshot=job)
+        return self._transition(claim.job.id, self._as_holder(claim, decide, evidence),
+                                snapshot=claim.job)
+
+    def _leased_many(self, writes: Sequence[tuple[Claim, _Decide, dict[str, Any]]]
+                     ) -> list[Job | LeaseLost]:
+        """Lease holders' writes to distinct jobs, decided at one instant and
+        written in one store call (each its own compare-and-set); a write that
+        loses is decided again on a fresh read, as :meth:`_leased` does. Item
+        ``i`` is the written job, or the :class:`LeaseLost` of write ``i``."""
+        job_ids = [claim.job.id for claim, _, _ in writes]
+        if len(set(job_ids)) != len(job_ids):
+            raise InvalidInput("a batch takes each job at most once")
+        now = self.now()
+        outcomes: dict[int, Job | LeaseLost] = {}
+        decided: list[tuple[int, Change]] = []
+        for index, (claim, decide, evidence) in enumerate(writes):
+            try:
+                decided.append((index, self._as_holder(claim, decide, evidence, now)(claim.job)))
+            except LeaseLost as lost:
+                outcomes[index] = lost
+        written = self.store.commit_many([change for _, change in decided]) if decided else []
+        log = self._logs_transitions()
+        for (index, change), job in zip(decided, written, strict=True):
+            if job is not None:
+                outcomes[index] = self._logged(change, job) if log else job
+                continue
+            claim, decide, evidence = writes[index]
+            try:  # lost the race: decide again on a fresh read
+                outcomes[index] = self._transition(claim.job.id,
+                                                   self._as_holder(claim, decide, evidence))
+            except LeaseLost as lost:
+                outcomes[index] = lost
+        return [outcomes[index] for index in range(len(writes))]
 
     @staticmethod
-    def _event(event: Event) -> Callable[[Job, states.Evidence], Change]:
+    def _event(event: Event) -> _Decide:
         return lambda job, evidence: states.apply(job, event, evidence)
+
+    def _heartbeat_evidence(self, lease_seconds: float | None,
+                            detail: JSONDict | None) -> dict[str, Any]:
+        if lease_seconds is not None:
+            _check_lease(lease_seconds)
+        return {"lease_seconds": lease_seconds, "detail": json_object(detail, "detail")}
 
     def heartbeat(self, claim: Claim, *, lease_seconds: float | None = None,
                   detail: JSONDict | None = None) -> Claim:
         """Extend the lease; :class:`LeaseLost` if it is no longer ours."""
-        job = self._leased(claim, self._event(Event.HEARTBEAT), lease_seconds=lease_seconds,
-                           detail=json_object(detail, "detail"))
+        job = self._leased(claim, self._event(Event.HEARTBEAT),
+                           self._heartbeat_evidence(lease_seconds, detail))
         return Claim(job=job, token=claim.token)
+
+    def heartbeat_many(self, claims: Sequence[Claim], *, lease_seconds: float | None = None
+                       ) -> list[Claim | LeaseLost]:
+        """Extend the leases of several claims in one store call (one statement on
+        PostgreSQL); item ``i`` is claim ``i`` renewed, or its :class:`LeaseLost`."""
+        evidence = self._heartbeat_evidence(lease_seconds, None)
+        written = self._leased_many([(claim, self._event(Event.HEARTBEAT), evidence)
+                                     for claim in claims])
+        return [outcome if isinstance(outcome, LeaseLost)
+                else Claim(job=outcome, token=claim.token)
+                for claim, outcome in zip(claims, written, strict=True)]
 
     def succeed(self, claim: Claim, result: JSONDict | None = None) -> Job:
         """Finish the job as ``done`` with a JSON ``result``."""
-        return self._leased(claim, self._event(Event.SUCCEED), result=json_object(result, "result"))
-
-    def succeed_many(self, finished: Sequence[tuple[Claim, JSONDict | None]]
-                     ) -> list[Job | LeaseLost]:
-        """Finish a batch of claimed jobs as ``done``, each with its JSON result,
-        in one store transaction (one statement on PostgreSQL).
-
-        ``finished`` holds ``(claim, result)`` pairs for distinct jobs. Item
-        ``i`` of the answer is what :meth:`succeed` would have returned for
-        pair ``i`` (the ``done`` job) or, instead of raising it, the
-        :class:`LeaseLost` for a claim whose lease is no longer held: that job
-        was left unchanged. A result that is not a JSON object, or a job given
-        twice, raises :class:`InvalidInput` before anything is written; the
-        batch's write itself is all or nothing (:class:`StorageUnavailable`
-        when the store is down).
-        """
-        batch = _SucceededBatch(self, finished)
-        return batch.settle(self.store.commit_many(batch.changes) if batch.changes else [])
-
-    def succeed_and_claim(self, finished: Sequence[tuple[Claim, JSONDict | None]],
-                          worker_id: str, *, limit: int = 1, lease_seconds: float | None = None
-                          ) -> tuple[list[Job | LeaseLost], list[Claim]]:
-        """:meth:`succeed_many` and then :meth:`claim`, in one store transaction
-        (one statement and one commit on PostgreSQL instead of two).
-
-        The loop of a worker that finishes what it holds and takes more:
-        ``outcomes, claims = flow.succeed_and_claim([(claim, result), ...],
-        worker_id, limit=n)``. ``outcomes`` is what :meth:`succeed_many` would
-        return, ``claims`` what :meth:`claim` would. If the store fails,
-        neither the finishing writes nor the claim happened.
-        """
-        worker_id, lease = self._claim_args(worker_id, limit, lease_seconds)
-        batch = _SucceededBatch(self, finished)
-        written, claims = self.store.commit_and_claim(
-            batch.changes, worker_id=worker_id, limit=limit, now=self.now(),
-            lease_seconds=lease)
-        return batch.settle(written), self._claimed(claims, worker_id)
-
-    def claim_loop(self, worker_id: str, *, limit: int = 1,
-                   lease_seconds: float | None = None) -> ClaimLoop:
-        """Batches of up to ``limit`` claims, the next always claimed ahead, each
-        batch finished with a later claim in one write: see :class:`ClaimLoop`."""
-        worker_id, lease = self._claim_args(worker_id, limit, lease_seconds)
-        return ClaimLoop(self, worker_id, limit=limit, lease_seconds=lease)
+        return self._leased(claim, *self._finishing(Succeeded(claim, result)))
 
     def fail(self, claim: Claim, error: str, *, retryable: bool = True,
              retry_in: timedelta | None = None, error_code: str | None = None) -> Job:
         """Record a handler error: retry with backoff while attempts remain, else fail."""
-        return self._leased(claim, states.finish_with_error,
-                            error=str(error).replace("\x00", "\\0"), retryable=retryable,
-                            retry_delay=retry_in, error_code=error_code)
+        return self._leased(claim, *self._finishing(Failed(
+            claim, error, retryable=retryable, retry_in=retry_in, error_code=error_code)))
 
     def release(self, claim: Claim, *, reason: str = "worker shutting down") -> Job:
         """Hand an unfinished job back to ``queued`` without spending an attempt."""
-        return self._leased(claim, self._event(Event.RELEASE), error=reason)
+        return self._leased(claim, *self._finishing(Released(claim, reason)))
+
+    def finish_many(self, outcomes: Sequence[Outcome]) -> list[Job | LeaseLost]:
+        """End a batch of claimed attempts in one store call (one statement on
+        PostgreSQL): each :class:`~jobflow.models.Succeeded`,
+        :class:`~jobflow.models.Failed` or :class:`~jobflow.models.Released`
+        is written as :meth:`succeed`, :meth:`fail` or :meth:`release` would,
+        with its own compare-and-set on the lease token and its history row.
+
+        Item ``i`` of the answer is the job as written for outcome ``i`` or,
+        instead of raising it, the :class:`LeaseLost` of a claim whose lease is
+        no longer held (that job was left unchanged). A job given twice or a
+        result that is not a JSON object raises :class:`InvalidInput` before
+        anything is written; the store's write is all or nothing
+        (:class:`StorageUnavailable` when the store is down).
+        """
+        writes = []
+        for outcome in outcomes:
+            decide, evidence = self._finishing(outcome)
+            writes.append((outcome.claim, decide, evidence))
+        return self._leased_many(writes)
+
+    def _finishing(self, outcome: Outcome) -> tuple[_Decide, dict[str, Any]]:
+        """How ``outcome`` is decided, and the evidence it brings."""
+        if isinstance(outcome, Succeeded):
+            return self._event(Event.SUCCEED), {"result": json_object(outcome.result, "result")}
+        if isinstance(outcome, Failed):
+            return states.finish_with_error, {
+                "error": str(outcome.error).replace("\x00", "\\0"),
+                "retryable": outcome.retryable, "retry_delay": outcome.retry_in,
+                "error_code": outcome.error_code}
+        if isinstance(outcome, Released):
+            return self._event(Event.RELEASE), {"error": outcome.reason}
+        raise InvalidInput(f"finish_many takes Succeeded, Failed or Released outcomes, "
+                           f"not {type(outcome).__name__}")
 
     # -- housekeeping ---------------------------------------------------------------
 
@@ -419,203 +477,3 @@ class JobFlow:
             return False
         self._logged(change, written)
         return True
-
-
-class _SucceededBatch:
-    """The ``succeed`` decisions for a batch of claims, and what became of them.
-
-    Each job is decided on its claim's own copy (as :meth:`JobFlow.succeed`
-    does); a change that loses its compare-and-set is decided again on a
-    fresh read, one job at a time.
-    """
-
-    def __init__(self, flow: JobFlow,
-                 finished: Sequence[tuple[Claim, JSONDict | None]]) -> None:
-        self._flow = flow
-        self._pairs = [(claim, json_object(result, "result")) for claim, result in finished]
-        job_ids = [claim.job.id for claim, _ in self._pairs]
-        if len(set(job_ids)) != len(job_ids):
-            raise InvalidInput("succeed_many takes each job at most once")
-        self._outcomes: dict[int, Job | LeaseLost] = {}
-        self._decided: list[tuple[int, Change]] = []
-        now = flow.now()  # one write, one instant
-        for index, (claim, result) in enumerate(self._pairs):
-            try:
-                self._decided.append((index, self._decide(claim, result, now)(claim.job)))
-            except LeaseLost as lost:
-                self._outcomes[index] = lost
-
-    @property
-    def changes(self) -> list[Change]:
-        return [change for _, change in self._decided]
-
-    def _decide(self, claim: Claim, result: JSONDict,
-                now: datetime | None = None) -> Callable[[Job], Change]:
-        """``succeed`` for ``claim``, at ``now`` (default: the flow's clock, read
-        when deciding, as a retry after a lost race does)."""
-        flow = self._flow
-        return lambda job: states.apply(job, Event.SUCCEED, flow._evidence(
-            now, token=claim.token, worker_id=claim.job.lease_owner, result=result))
-
-    def settle(self, written: Sequence[Job | None]) -> list[Job | LeaseLost]:
-        """The outcomes, in the order of the pairs, once the store wrote ``written``."""
-        flow, outcomes = self._flow, self._outcomes
-        log = flow._logs_transitions()
-        for (index, change), job in zip(self._decided, written, strict=True):
-            if job is not None:
-                outcomes[index] = flow._logged(change, job) if log else job
-                continue
-            claim, result = self._pairs[index]
-            try:  # lost the race: decide again on a fresh read, as succeed does
-                outcomes[index] = flow._transition(claim.job.id, self._decide(claim, result))
-            except LeaseLost as lost:
-                outcomes[index] = lost
-        return [outcomes[index] for index in range(len(self._pairs))]
-
-
-class ClaimLoop:
-    """Claims jobs in batches and finishes those that succeeded, one write ahead::
-
-        with flow.claim_loop("worker-1", limit=100) as loop:
-            for claims in loop:
-                loop.succeed([(claim, handle(claim.job)) for claim in claims])
-
-    Iterating gives batches of up to ``limit`` claims until a claim finds no
-    job. :meth:`succeed` finishes the jobs of the batch just given out (each
-    its own compare-and-set on status and lease token, as
-    :meth:`JobFlow.succeed_many`) in one write with the claim of a later
-    batch: the next batch was claimed ahead while the caller ran this one.
-    On PostgreSQL these writes go in libpq's pipeline mode on one connection,
-    so the database runs one while the caller works; elsewhere the same
-    calls are made one at a time.
-
-    A batch waits a batch's time before it is given out, under its lease:
-    choose ``lease_seconds`` longer than two batches take to run. A claim
-    whose lease ran out while it waited is not given out (``reconcile``
-    rescues its job), so no job is run by two workers at once.
-
-    The jobs of a batch not passed to :meth:`succeed` are the caller's to
-    :meth:`~JobFlow.fail` or :meth:`~JobFlow.release`. A job whose lease was
-    lost is not finished; its :class:`~jobflow.errors.LeaseLost` is kept in
-    :attr:`lost`. Leaving the loop waits for the writes in flight and hands
-    back (releases) the jobs claimed ahead and not given out. When the store
-    fails the loop raises :class:`~jobflow.errors.StorageUnavailable`; the
-    writes in flight then may or may not have been made (each in full or not
-    at all), and jobs left running are rescued when their leases expire.
-    """
-
-    def __init__(self, flow: JobFlow, worker_id: str, *, limit: int,
-                 lease_seconds: float) -> None:
-        self._flow = flow
-        self._worker_id, self._limit, self._lease_seconds = worker_id, limit, lease_seconds
-        self._pipeline: ClaimPipeline | None = None
-        self._used = False
-        self._owed = False  # a batch was given out and not yet followed by a write
-        #: The lost leases of the jobs passed to :meth:`succeed` so far.
-        self.lost: list[LeaseLost] = []
-
-    def __enter__(self) -> ClaimLoop:
-        if self._used:
-            raise RuntimeError("a ClaimLoop runs once; create a new one")
-        self._used = True
-        flow, worker_id, limit, lease = (self._flow, self._worker_id, self._limit,
-                                         self._lease_seconds)
-        open_pipeline = getattr(flow.store, "claim_pipeline", None)
-        pipeline: ClaimPipeline | None = None
-        if open_pipeline is not None:
-            pipeline = open_pipeline(worker_id=worker_id, limit=limit, lease_seconds=lease)
-        self._pipeline = pipeline or _OneAtATime(flow.store, worker_id=worker_id, limit=limit,
-                                                 lease_seconds=lease)
-        try:
-            for _ in range(2):  # the first batch, and the one claimed ahead
-                self._pipeline.send(None, [], now=flow.now())
-        except BaseException:
-            self._pipeline.close()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        pipeline = self._running()
-        self._pipeline = None
-        ahead: list[Claim] = []
-        try:
-            try:
-                while pipeline.in_flight:
-                    ahead += self._receive(pipeline)
-            finally:
-                pipeline.close()  # before the releases, which take connections of their own
-            for claim in ahead:
-                self._flow.release(claim, reason="claimed ahead, not started")
-        except JobflowError as failure:
-            if exc_type is None:
-                raise
-            self._flow._log.warning("claim_loop.close_failed", error=str(failure))
-
-    def __iter__(self) -> ClaimLoop:
-        return self
-
-    def __next__(self) -> list[Claim]:
-        pipeline = self._running()
-        if self._owed:  # the last batch was finished some other way: claim on
-            self._owed = False
-            pipeline.send(None, [], now=self._flow.now())
-        while pipeline.in_flight:
-            received = self._receive(pipeline)
-            now = self._flow.now()
-            claims = [claim for claim in received if claim.job.lease_expires_at is None
-                      or claim.job.lease_expires_at > now]
-            if claims:
-                self._owed = True
-                return claims
-            if received:  # their leases ran out while they waited: claim on
-                pipeline.send(None, [], now=now)
-        raise StopIteration
-
-    def succeed(self, finished: Sequence[tuple[Claim, JSONDict | None]]) -> None:
-        """Finish these claimed jobs, each with its result (a JSON object or None),
-        in one write with the claim of a later batch; once per batch given out."""
-        pipeline = self._running()
-        if not self._owed:
-            raise InvalidInput("succeed() takes the jobs of the batch just given out, once")
-        batch = _SucceededBatch(self._flow, finished)
-        pipeline.send(batch, batch.changes, now=self._flow.now())
-        self._owed = False
-
-    def _running(self) -> ClaimPipeline:
-        if self._pipeline is None:
-            raise RuntimeError("use a ClaimLoop inside its with block")
-        return self._pipeline
-
-    def _receive(self, pipeline: ClaimPipeline) -> list[Claim]:
-        token, written, claims = pipeline.receive()
-        if isinstance(token, _SucceededBatch):
-            self.lost.extend(outcome for outcome in token.settle(written)
-                             if isinstance(outcome, LeaseLost))
-        return self._flow._claimed(claims, self._worker_id)
-
-
-class _OneAtATime:
-    """A :class:`~jobflow.ports.ClaimPipeline` for stores without one: each
-    write is made when it is sent."""
-
-    def __init__(self, store: JobStore, *, worker_id: str, limit: int,
-                 lease_seconds: float) -> None:
-        self._store = store
-        self._worker_id, self._limit, self._lease_seconds = worker_id, limit, lease_seconds
-        self._outcomes: deque[tuple[object, list[Job | None], list[Claim]]] = deque()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._outcomes)
-
-    def send(self, token: object, changes: Sequence[Change], *, now: datetime) -> None:
-        self._outcomes.append((token, *self._store.commit_and_claim(
-            changes, worker_id=self._worker_id, limit=self._limit, now=now,
-            lease_seconds=self._lease_seconds)))
-
-    def receive(self) -> tuple[object, list[Job | None], list[Claim]]:
-        return self._outcomes.popleft()
-
-    def close(self) -> None:
-        self._outcomes.clear()

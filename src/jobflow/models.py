@@ -195,6 +195,40 @@ class Claim:
 
 
 @attrs.frozen
+class Succeeded:
+    """A claimed job's handler succeeded: finish it as ``done`` with ``result``
+    (a JSON object, or None for an empty one)."""
+
+    claim: Claim
+    result: JSONDict | None = None
+
+
+@attrs.frozen
+class Failed:
+    """A claimed job's attempt failed with ``error``: retried after ``retry_in``
+    (default: the policy's backoff) while it is ``retryable`` and attempts
+    remain, else ``failed`` with ``error_code`` (default: ``handler_error``)."""
+
+    claim: Claim
+    error: str
+    retryable: bool = True
+    retry_in: timedelta | None = None
+    error_code: str | None = None
+
+
+@attrs.frozen
+class Released:
+    """A claimed job goes back to ``queued`` unfinished, without spending an attempt."""
+
+    claim: Claim
+    reason: str = "worker shutting down"
+
+
+#: How one claimed attempt ends, as :meth:`~jobflow.JobFlow.finish_many` takes it.
+Outcome = Succeeded | Failed | Released
+
+
+@attrs.frozen
 class PresignedUpload:
     """How a client sends the bytes: an HTTP request the object store accepts."""
 

@@ -71,17 +71,6 @@ class JobStore(Protocol):
         """
         ...
 
-    def commit_and_claim(self, changes: Sequence[Change], *, worker_id: str, limit: int,
-                         now: datetime, lease_seconds: float
-                         ) -> tuple[list[Job | None], list[Claim]]:
-        """:meth:`commit_many` and then :meth:`claim`, in one transaction.
-
-        A worker hands in what it finished and takes its next jobs with one
-        commit instead of two. The answer is ``(written, claims)`` as the two
-        calls would give them; if the store fails, neither happened.
-        """
-        ...
-
     def history(self, job_id: str) -> list[JobEvent]:
         """The job's history rows, oldest first."""
         ...
@@ -101,33 +90,6 @@ class JobStore(Protocol):
     def failed_since(self, *, since: datetime, limit: int) -> list[Job]:
         """Jobs in ``failed`` whose ``finished_at`` is at or after ``since``,
         most recently finished first (for monitoring)."""
-        ...
-
-
-class ClaimPipeline(Protocol):
-    """Finish-and-claim writes sent ahead of their outcomes (see
-    :meth:`~jobflow.flow.JobFlow.claim_loop`). A store may offer one through
-    ``claim_pipeline(worker_id=..., limit=..., lease_seconds=...)``; each write
-    is then :meth:`JobStore.commit_and_claim` (a claim alone when there are no
-    changes), with outcomes received in the order sent (a write run again,
-    after a deadlock, comes back later)."""
-
-    @property
-    def in_flight(self) -> int:
-        """Writes sent whose outcomes were not received yet."""
-        ...
-
-    def send(self, token: object, changes: Sequence[Change], *, now: datetime) -> None:
-        """Send one write; :meth:`receive` returns ``token`` with its outcome."""
-        ...
-
-    def receive(self) -> tuple[object, list[Job | None], list[Claim]]:
-        """The next outcome: the token, the jobs written (None for a change that
-        lost), the claims."""
-        ...
-
-    def close(self) -> None:
-        """Release what the pipeline holds (outcomes not received are dropped)."""
         ...
 
 
@@ -178,4 +140,4 @@ class ObjectStore(Protocol):
         ...
 
 
-__all__: Sequence[str] = ["ClaimPipeline", "Clock", "JobStore", "ObjectStore"]
+__all__: Sequence[str] = ["Clock", "JobStore", "ObjectStore"]

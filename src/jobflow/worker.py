@@ -1,13 +1,30 @@
 """The worker: runs a handler on claimed jobs, under leases, until stopped.
 
-A :class:`Worker` claims verified jobs in batches up to its free capacity and
-runs ``handler(job, ctx)`` for each in its own thread. While a handler runs, a
-supervisor thread renews the job's lease and enforces the per-job timeout; a
-housekeeping thread runs :meth:`~jobflow.JobFlow.reconcile` periodically.
-Every write the worker makes carries the lease token, so a worker that lost
-its lease (it was paused, or cut off, and its job was rescued) changes
-nothing: the store answers :class:`~jobflow.errors.LeaseLost` and the worker
-drops the outcome.
+A :class:`Worker` claims verified jobs in batches, up to its free slots in one
+statement, and runs ``handler(job, ctx)`` for each on a pool of
+``concurrency`` threads that it reuses. While its handlers are short (under
+:data:`CLAIM_AHEAD_BELOW` seconds on average) it claims the next batch ahead,
+so that the claim's round trip overlaps the running batch; a job claimed
+ahead whose lease ran out before a thread took it is released, its attempt
+given back. Outcomes are buffered and written in
+batches: every finished attempt (succeeded, failed, released) of a batch
+goes to the store in one :meth:`~jobflow.JobFlow.finish_many` call (one
+statement on PostgreSQL), each with its own lease-token compare-and-set and
+history row. A batch is written when it holds an outcome for every slot, when
+its oldest outcome is ``flush_interval`` old, when no handler is running, and
+always before :meth:`Worker.run` returns. An outcome is logged as finished
+only once it is written.
+
+A supervisor thread renews, in one call, every lease that is due, and
+enforces the per-job timeout; a housekeeping thread runs
+:meth:`~jobflow.JobFlow.reconcile` periodically. Every write the worker makes
+carries the lease token, so a worker that lost its lease (it was paused, or
+cut off, and its job was rescued) changes nothing: the store answers
+:class:`~jobflow.errors.LeaseLost` and the worker drops the outcome.
+
+Delivery is at least once: after SIGKILL, outcomes not yet written are lost
+and their jobs run again once their leases expire; the fencing makes any
+late write of the dead worker harmless.
 
 Outcomes:
 
@@ -26,13 +43,14 @@ Outcomes:
 from __future__ import annotations
 
 import os
+import queue
 import random
 import secrets
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -50,7 +68,17 @@ from jobflow.errors import (
     StorageUnavailable,
 )
 from jobflow.flow import JobFlow, json_object
-from jobflow.models import Claim, Job, JobStatus, JSONDict, ObjectInfo
+from jobflow.models import (
+    Claim,
+    Failed,
+    Job,
+    JobStatus,
+    JSONDict,
+    ObjectInfo,
+    Outcome,
+    Released,
+    Succeeded,
+)
 from jobflow.wakeup import Wakeup, wakeup_for
 
 #: Error codes the worker writes, besides the core's ``handler_error``.
@@ -60,8 +88,13 @@ OBJECT_CHANGED = "object_changed"
 
 #: Handler error messages are cut to this many characters before they are stored.
 MAX_ERROR_LENGTH = 2000
-#: How many times a finishing write is tried while the store is unavailable.
-FINISH_TRIES = 3
+#: The longest pause between two tries of a batch write while the store is unavailable.
+MAX_WRITE_BACKOFF = 2.0
+#: A worker claims a batch ahead while its handlers take less than this many
+#: seconds on average: the claim's round trip then overlaps the running batch.
+#: Longer jobs gain nothing from it, and a job claimed ahead would wait, leased,
+#: for a slot while another worker may have one free.
+CLAIM_AHEAD_BELOW = 1.0
 
 Handler = Callable[[Job, "JobContext"], Any]
 
@@ -97,17 +130,36 @@ class _Attempt:
 
     claim: Claim
     log: structlog.typing.FilteringBoundLogger
-    deadline: float | None  # time.monotonic() after which the attempt times out
     next_beat: float  # time.monotonic() of the next lease renewal
+    started: float  # time.monotonic() when claimed, then when the handler started
+    deadline: float | None = None  # time.monotonic() after which the attempt times out
     lock: threading.Lock = attrs.field(factory=threading.Lock)
-    # Set once a finishing write was made or given up on: no more writes after it.
+    # Set once the attempt's outcome was decided (buffered for writing) or the
+    # lease was lost: no more writes for it after that.
     settled: bool = False
     abandoned: str | None = None  # why the handler's outcome no longer counts
-    thread: threading.Thread | None = None
 
     @property
     def job_id(self) -> str:
         return self.claim.job.id
+
+    def settle(self) -> bool:
+        """Take the right to decide the attempt's outcome; False if taken."""
+        with self.lock:
+            if self.settled:
+                return False
+            self.settled = True
+            return True
+
+
+@attrs.frozen
+class _Pending:
+    """An outcome waiting in the buffer to be written."""
+
+    attempt: _Attempt
+    outcome: Outcome
+    log_fields: dict[str, Any]
+    added: float  # time.monotonic()
 
 
 class JobContext:
@@ -117,10 +169,10 @@ class JobContext:
     (:class:`~jobflow.errors.ObjectChanged` if it was replaced since).
     """
 
-    def __init__(self, worker: Worker, attempt: _Attempt, workdir: Path) -> None:
+    def __init__(self, worker: Worker, attempt: _Attempt) -> None:
         self._worker = worker
         self._attempt = attempt
-        self._workdir = workdir
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self.job: Job = attempt.claim.job
         self.worker_id: str = worker.worker_id
         self.log: structlog.typing.FilteringBoundLogger = attempt.log
@@ -154,7 +206,9 @@ class JobContext:
         """Copy the verified object to ``dest`` (default: a temporary file that is
         removed when the handler returns) and return its path."""
         if dest is None:
-            dest = self._workdir / PurePosixPath(self.job.key).name
+            if self._workdir is None:  # made on first use: most handlers never need one
+                self._workdir = tempfile.TemporaryDirectory(prefix="jobflow-")
+            dest = Path(self._workdir.name) / PurePosixPath(self.job.key).name
         return self._worker.flow.objects.download(self.job.key, dest, expected=self._verified())
 
     def heartbeat(self, *, stage: str | None = None, progress: float | None = None,
@@ -171,6 +225,14 @@ class JobContext:
             extra["progress"] = progress
         self._worker._renew(self._attempt, json_object(extra, "heartbeat detail"))
         self.check()
+
+    def _clean_up(self) -> None:
+        """Remove the temporary folder of :meth:`download`, if one was made."""
+        if self._workdir is not None:
+            try:
+                self._workdir.cleanup()
+            except OSError as exc:
+                self.log.warning("handler.cleanup_failed", error=str(exc))
 
     def _verified(self) -> ObjectInfo:
         verified = self.job.verified_object
@@ -190,6 +252,10 @@ class Worker:
     ``reconcile_interval`` spaces the housekeeping passes; ``shutdown_grace``
     is how long :meth:`stop` lets running handlers finish; ``job_timeout``
     (None: no limit) fails an attempt that runs too long.
+
+    ``flush_interval`` is how long a finished attempt's outcome may wait in
+    the buffer for others to be written with it, and how long a free slot
+    waits for others to be claimed with it while handlers are still running.
     """
 
     def __init__(self, flow: JobFlow, handler: Handler, *, worker_id: str | None = None,
@@ -197,7 +263,7 @@ class Worker:
                  heartbeat_interval: float | None = None, poll_interval: float = 1.0,
                  listen_poll_interval: float = 10.0, reconcile_interval: float = 30.0,
                  shutdown_grace: float = 25.0, job_timeout: float | None = None,
-                 wakeup: Wakeup | None = None,
+                 flush_interval: float = 0.005, wakeup: Wakeup | None = None,
                  logger: structlog.typing.FilteringBoundLogger | None = None) -> None:
         self.flow = flow
         self.handler = handler
@@ -210,6 +276,7 @@ class Worker:
         self.reconcile_interval = reconcile_interval
         self.shutdown_grace = shutdown_grace
         self.job_timeout = job_timeout
+        self.flush_interval = flush_interval
         self._check_settings()
         self._wakeup = wakeup if wakeup is not None else wakeup_for(flow.store)
         self._log: structlog.typing.FilteringBoundLogger = (
@@ -217,11 +284,16 @@ class Worker:
         self._random = random.Random()
         self._stopping = threading.Event()
         self._shutdown_requested = threading.Event()
-        self._wake = threading.Event()  # the main loop should look again
+        self._wake = threading.Event()  # the claim loop should look again
         self._supervisor_wake = threading.Event()
         self._housekeeping_done = threading.Event()
         self._attempts_lock = threading.Lock()
-        self._attempts: dict[str, _Attempt] = {}  # by lease token
+        # By lease token: every job held, running or claimed ahead, until its
+        # handler returns.
+        self._attempts: dict[str, _Attempt] = {}
+        self._mean_run: float | None = None  # the handlers' recent mean duration, seconds
+        self._ready: queue.SimpleQueue[_Attempt | None] = queue.SimpleQueue()
+        self._outcomes = _OutcomeBuffer(self)
         # When the earliest job this worker sent back for a retry becomes due
         # (time.monotonic()): its NOTIFY came while it was not due yet.
         self._retry_due: float | None = None
@@ -235,7 +307,8 @@ class Worker:
                     "heartbeat_interval": self.heartbeat_interval,
                     "poll_interval": self.poll_interval,
                     "listen_poll_interval": self.listen_poll_interval,
-                    "reconcile_interval": self.reconcile_interval}
+                    "reconcile_interval": self.reconcile_interval,
+                    "flush_interval": self.flush_interval}
         if self.job_timeout is not None:
             positive["job_timeout"] = self.job_timeout
         for name, value in positive.items():
@@ -256,14 +329,23 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        """Handler threads still running (a timed-out handler counts until it returns)."""
+        """Jobs held: handlers still running (a timed-out handler counts until it
+        returns) and jobs claimed ahead, waiting for a handler thread."""
         with self._attempts_lock:
             return len(self._attempts)
 
+    @property
+    def claims_ahead(self) -> bool:
+        """Whether the worker claims a batch ahead: while its handlers take less
+        than :data:`CLAIM_AHEAD_BELOW` seconds on average."""
+        mean = self._mean_run
+        return mean is not None and mean < CLAIM_AHEAD_BELOW
+
     def stop(self) -> None:
         """Stop claiming; :meth:`run` lets running handlers finish within
-        ``shutdown_grace``, releases the rest and returns. Safe from any thread
-        and from a signal handler running in a thread other than :meth:`run`'s."""
+        ``shutdown_grace``, releases the rest, writes every outcome and returns.
+        Safe from any thread and from a signal handler running in a thread
+        other than :meth:`run`'s."""
         self._shutdown_requested.set()
         self._stopping.set()
         self._wake.set()
@@ -272,42 +354,62 @@ class Worker:
         """Work until :meth:`stop` is called.
 
         With ``until_idle``, reconcile once, then return as soon as no handler is
-        running and nothing is due: convenient for scripts and tests.
+        running, every outcome is written and nothing is due: convenient for
+        scripts and tests.
         """
         if self._started:
             raise RuntimeError("a Worker runs once; create a new one")
         self._started = True
-        supervisor = threading.Thread(target=self._supervise, name="jobflow-supervisor",
-                                      daemon=True)
-        supervisor.start()
-        housekeeping: threading.Thread | None = None
+        threads = [threading.Thread(target=self._run_handlers, name=f"jobflow-handler-{n}",
+                                    daemon=True) for n in range(self.concurrency)]
+        threads.append(threading.Thread(target=self._outcomes.write_until_closed,
+                                        name="jobflow-outcomes", daemon=True))
+        threads.append(threading.Thread(target=self._supervise, name="jobflow-supervisor",
+                                        daemon=True))
+        if not until_idle:
+            threads.append(threading.Thread(target=self._housekeep, name="jobflow-reconcile",
+                                            daemon=True))
+        for thread in threads:
+            thread.start()
+        released = 0
         try:
             if until_idle:
                 self._reconcile_once()
-            else:
-                housekeeping = threading.Thread(target=self._housekeep,
-                                                name="jobflow-reconcile", daemon=True)
-                housekeeping.start()
             self._wakeup.start(self._wake.set)
             self._log.info("worker.started", concurrency=self.concurrency,
                            lease_seconds=self.lease_seconds, poll_interval=self.poll_interval)
             self._claim_until_stopped(until_idle)
         finally:
-            released = self._shut_down()
-            self._housekeeping_done.set()
-            self._supervisor_wake.set()
-            self._wakeup.close()
-            supervisor.join()
-            if housekeeping is not None:
-                housekeeping.join()
+            grace_ends = time.monotonic() + self.shutdown_grace
+            try:
+                released = self._shut_down(grace_ends)
+            finally:
+                self._housekeeping_done.set()
+                self._supervisor_wake.set()
+                for _ in range(self.concurrency):
+                    self._ready.put(None)  # handler threads still running a job stay daemons
+                self._outcomes.close(grace_ends)
+                self._wakeup.close()
+                for thread in threads[self.concurrency:]:
+                    thread.join()
             self._log.info("worker.stopped", released=released)
 
     # -- claiming ---------------------------------------------------------------------
 
     def _claim_until_stopped(self, until_idle: bool) -> None:
+        partly_free_since: float | None = None
         while not self._stopping.is_set():
             self._wake.clear()
-            free = self.concurrency - self.busy
+            free = self.concurrency * (2 if self.claims_ahead else 1) - self.busy
+            if 0 < free < self.concurrency:
+                # Handlers are still running: let a few more slots free up, so that
+                # one claim fills them together.
+                now = time.monotonic()
+                partly_free_since = partly_free_since or now
+                if now < partly_free_since + self.flush_interval:
+                    self._wake.wait(partly_free_since + self.flush_interval - now)
+                    continue
+            partly_free_since = None
             claims: list[Claim] = []
             if free > 0:
                 looked_at = time.monotonic()
@@ -315,10 +417,11 @@ class Worker:
                 with self._attempts_lock:
                     if self._retry_due is not None and self._retry_due <= looked_at:
                         self._retry_due = None  # this claim already saw it due
-                for claim in claims:
-                    self._start(claim)
+                self._start(claims)
             if until_idle and not claims and self.busy == 0:
-                return
+                if self._outcomes.written_all():
+                    return
+                continue  # a retry just written may be due at once: look again
             if claims and len(claims) == free:
                 continue  # the batch was full: there may be more; loop waits for a slot
             idle_for = (self.listen_poll_interval if self._wakeup.listening
@@ -336,121 +439,117 @@ class Worker:
             self._log.warning("worker.claim_failed", error=str(exc))
             return []
 
-    def _start(self, claim: Claim) -> None:
+    def _start(self, claims: Sequence[Claim]) -> None:
+        """Hand a batch of claims to the handler threads. Every attempt of the batch
+        counts as running before any starts, so that the first to finish does not
+        see an idle worker and write its outcome alone."""
         now = time.monotonic()
-        attempt = _Attempt(
-            claim=claim,
-            log=self._log.bind(job_id=claim.job.id, attempt=claim.job.attempts),
-            deadline=now + self.job_timeout if self.job_timeout is not None else None,
-            next_beat=now + self.heartbeat_interval,
-        )
-        attempt.thread = threading.Thread(target=self._run_attempt, args=(attempt,),
-                                          name=f"jobflow-job-{claim.job.id[:8]}", daemon=True)
+        attempts = [_Attempt(
+            claim=claim, log=self._log.bind(job_id=claim.job.id, attempt=claim.job.attempts),
+            next_beat=now + self.heartbeat_interval, started=now,
+        ) for claim in claims]
         with self._attempts_lock:
-            self._attempts[claim.token] = attempt
-        attempt.thread.start()
-        self._supervisor_wake.set()
+            self._attempts.update((attempt.claim.token, attempt) for attempt in attempts)
+        for attempt in attempts:
+            self._ready.put(attempt)
+        if attempts:
+            self._supervisor_wake.set()
 
-    # -- running a handler ------------------------------------------------------------
+    # -- running handlers -------------------------------------------------------------
 
-    def _run_attempt(self, attempt: _Attempt) -> None:
+    def _run_handlers(self) -> None:
+        """A handler thread: run attempts until told to stop (None)."""
+        while (attempt := self._ready.get()) is not None:
+            try:
+                if self._run_attempt(attempt):
+                    took = time.monotonic() - attempt.started
+                    mean = self._mean_run
+                    self._mean_run = took if mean is None else 0.8 * mean + 0.2 * took
+            finally:
+                with self._attempts_lock:
+                    self._attempts.pop(attempt.claim.token, None)
+                self._outcomes.slot_freed()
+                self._wake.set()
+
+    def _run_attempt(self, attempt: _Attempt) -> bool:
+        """Run the handler on the attempt's job; False if it was given back instead."""
         job = attempt.claim.job
+        if self._stopping.is_set() or (job.lease_expires_at is not None
+                                       and job.lease_expires_at <= self.flow.now()):
+            # Stopped, or paused so long that the lease ran out before the handler
+            # started: give the attempt back (if the lease was rescued meanwhile,
+            # the release loses and changes nothing).
+            if attempt.settle():
+                attempt.abandoned = "released before it started"
+                self._outcomes.add(attempt, Released(attempt.claim, "not started"),
+                                   outcome="released")
+            return False
         attempt.log.info("handler.started")
-        started = time.monotonic()
+        attempt.started = time.monotonic()
+        if self.job_timeout is not None:
+            attempt.deadline = attempt.started + self.job_timeout
+            self._supervisor_wake.set()
+        context = JobContext(self, attempt)
         try:
-            with tempfile.TemporaryDirectory(prefix="jobflow-") as workdir:
-                context = JobContext(self, attempt, Path(workdir))
-                try:
-                    result = self.handler(job, context)
-                except AttemptAbandoned:
-                    self._finish_abandoned(attempt, started)
-                except PermanentJobError as exc:
-                    self._finish_failed(attempt, exc, started, retryable=False,
-                                        error_code=exc.error_code)
-                except ObjectChanged as exc:
-                    self._finish_failed(attempt, exc, started, retryable=False,
-                                        error_code=OBJECT_CHANGED)
-                except Exception as exc:
-                    self._finish_failed(attempt, exc, started, retryable=True)
-                except BaseException as exc:
-                    # SystemExit or KeyboardInterrupt raised inside a handler: do
-                    # not leave the lease renewed forever; retry the job elsewhere.
-                    self._finish_failed(attempt, exc, started, retryable=True)
-                    raise
-                else:
-                    self._finish_succeeded(attempt, result, started)
+            result = self.handler(job, context)
+        except AttemptAbandoned:
+            self._finish_abandoned(attempt)
+        except PermanentJobError as exc:
+            self._finish_failed(attempt, exc, retryable=False, error_code=exc.error_code)
+        except ObjectChanged as exc:
+            self._finish_failed(attempt, exc, retryable=False, error_code=OBJECT_CHANGED)
+        except BaseException as exc:
+            # Anything else, SystemExit included: the attempt failed, not
+            # the handler thread, which runs the next job.
+            self._finish_failed(attempt, exc, retryable=True)
+        else:
+            self._finish_succeeded(attempt, result)
         finally:
-            with self._attempts_lock:
-                self._attempts.pop(attempt.claim.token, None)
-            self._wake.set()
+            context._clean_up()
+        return True
 
-    def _settle(self, attempt: _Attempt) -> bool:
-        """Take the right to write the attempt's final transition; False if taken."""
-        with attempt.lock:
-            if attempt.settled:
-                return False
-            attempt.settled = True
-            return True
-
-    def _finish_abandoned(self, attempt: _Attempt, started: float) -> None:
+    def _finish_abandoned(self, attempt: _Attempt) -> None:
         if attempt.abandoned is None:
             # Raised by the handler itself, not by its context: an ordinary error.
             self._finish_failed(attempt, AttemptAbandoned(attempt.job_id, "raised by handler"),
-                                started, retryable=True)
+                                retryable=True)
             return
         attempt.log.info("handler.finished", outcome="abandoned", reason=attempt.abandoned,
-                         duration_ms=_elapsed_ms(started))
+                         duration_ms=_elapsed_ms(attempt.started))
 
-    def _finish_succeeded(self, attempt: _Attempt, result: Any, started: float) -> None:
-        if not self._settle(attempt):
+    def _finish_succeeded(self, attempt: _Attempt, result: Any) -> None:
+        if not attempt.settle():
             attempt.log.info("handler.finished", outcome="ignored", reason=attempt.abandoned,
-                             duration_ms=_elapsed_ms(started))
+                             duration_ms=_elapsed_ms(attempt.started))
             return
         try:
             checked = json_object(result, "handler result")
         except InvalidInput as exc:
-            problem = str(exc)
-            attempt.log.warning("handler.finished", outcome="invalid_result", error=problem,
-                                duration_ms=_elapsed_ms(started))
-            self._write(attempt, "fail", lambda: self.flow.fail(
-                attempt.claim, problem, retryable=False, error_code=INVALID_RESULT))
+            self._outcomes.add(attempt, Failed(attempt.claim, str(exc), retryable=False,
+                                               error_code=INVALID_RESULT),
+                               outcome="invalid_result", error=str(exc), level="warning")
             return
-        attempt.log.info("handler.finished", outcome="succeeded",
-                         duration_ms=_elapsed_ms(started))
-        self._write(attempt, "succeed", lambda: self._succeed_and_take_next(attempt, checked))
+        self._outcomes.add(attempt, Succeeded(attempt.claim, checked), outcome="succeeded")
 
-    def _succeed_and_take_next(self, attempt: _Attempt, result: JSONDict) -> Job:
-        """Finish the job and, in the same write (one commit), claim the next
-        one for the slot it frees; while stopping, only finish."""
-        if self._stopping.is_set():
-            return self.flow.succeed(attempt.claim, result)
-        [outcome], claims = self.flow.succeed_and_claim(
-            [(attempt.claim, result)], self.worker_id, limit=1,
-            lease_seconds=self.lease_seconds)
-        for claim in claims:
-            if self._stopping.is_set():  # stopped meanwhile: hand it straight back
-                self._hand_back(claim)
-            else:
-                self._start(claim)
-        if isinstance(outcome, LeaseLost):
-            raise outcome
-        return outcome
-
-    def _finish_failed(self, attempt: _Attempt, exc: BaseException, started: float, *,
+    def _finish_failed(self, attempt: _Attempt, exc: BaseException, *,
                        retryable: bool, error_code: str | None = None) -> None:
-        if not self._settle(attempt):
+        if not attempt.settle():
             attempt.log.info("handler.finished", outcome="ignored", reason=attempt.abandoned,
-                             error=error_message(exc), duration_ms=_elapsed_ms(started))
+                             error=error_message(exc), duration_ms=_elapsed_ms(attempt.started))
             return
         # A handler's own verdict needs no traceback; an unexpected error does.
         expected = isinstance(exc, PermanentJobError | ObjectChanged)
         message = str(exc) if isinstance(exc, PermanentJobError) else error_message(exc)
-        attempt.log.warning("handler.finished", outcome="error", error=message,
-                            retryable=retryable, duration_ms=_elapsed_ms(started),
-                            exc_info=None if expected else exc)
-        self._expect_retry(self._write(attempt, "fail", lambda: self.flow.fail(
-            attempt.claim, message, retryable=retryable, error_code=error_code,
-            retry_in=self.retry_delay(attempt.claim.job.attempts) if retryable else None)))
+        self._outcomes.add(attempt, self._failure(attempt, message, retryable=retryable,
+                                                  error_code=error_code),
+                           outcome="error", error=message, retryable=retryable,
+                           exc_info=None if expected else exc, level="warning")
+
+    def _failure(self, attempt: _Attempt, message: str, *, retryable: bool,
+                 error_code: str | None) -> Failed:
+        return Failed(attempt.claim, message, retryable=retryable, error_code=error_code,
+                      retry_in=self.retry_delay(attempt.claim.job.attempts) if retryable
+                      else None)
 
     def retry_delay(self, attempts: int) -> timedelta:
         """The policy's exponential backoff after ``attempts`` tries, with jitter:
@@ -458,63 +557,9 @@ class Worker:
         base = self.flow.policy.retry_delay(attempts)
         return base * (0.5 + 0.5 * self._random.random())
 
-    def _write(self, attempt: _Attempt, what: str, write: Callable[[], Job]) -> Job | None:
-        """Make a finishing write; a lost lease or a lasting outage drops it (the lease
-        then expires and ``reconcile`` rescues the job)."""
-        for try_number in range(1, FINISH_TRIES + 1):
-            try:
-                return write()
-            except LeaseLost:
-                attempt.abandoned = attempt.abandoned or "lease lost"
-                attempt.log.warning("job.lease_lost", write=what)
-                return None
-            except StorageUnavailable as exc:
-                if try_number == FINISH_TRIES:
-                    attempt.log.error("job.write_failed", write=what, error=str(exc))
-                    return None
-                time.sleep(0.5 * 2 ** (try_number - 1))
-            except JobflowError as exc:
-                attempt.log.error("job.write_failed", write=what, error=error_message(exc))
-                return None
-        return None  # pragma: no cover - the loop always returns
-
-    # -- leases and timeouts ----------------------------------------------------------
-
-    def _renew(self, attempt: _Attempt, detail: JSONDict | None = None) -> None:
-        """Heartbeat one attempt's lease, unless it is already settled."""
-        with attempt.lock:
-            if attempt.settled:
-                return
-            try:
-                attempt.claim = self.flow.heartbeat(attempt.claim,
-                                                    lease_seconds=self.lease_seconds,
-                                                    detail=detail)
-            except LeaseLost:
-                attempt.settled = True
-                attempt.abandoned = "lease lost"
-                attempt.log.warning("job.lease_lost", write="heartbeat")
-                return
-            except StorageUnavailable as exc:
-                # The lease may still hold; try again sooner than usual.
-                attempt.log.warning("job.heartbeat_failed", error=str(exc))
-                attempt.next_beat = time.monotonic() + self.heartbeat_interval / 2
-                return
-            attempt.next_beat = time.monotonic() + self.heartbeat_interval
-
-    def _time_out(self, attempt: _Attempt) -> None:
-        if not self._settle(attempt):
-            return
-        attempt.abandoned = "timed out"
-        assert self.job_timeout is not None
-        message = f"handler did not finish within {self.job_timeout:g} s"
-        attempt.log.warning("handler.timed_out", timeout=self.job_timeout)
-        self._expect_retry(self._write(attempt, "fail", lambda: self.flow.fail(
-            attempt.claim, message, retryable=True, error_code=HANDLER_TIMEOUT,
-            retry_in=self.retry_delay(attempt.claim.job.attempts))))
-
-    def _expect_retry(self, job: Job | None) -> None:
+    def _expect_retry(self, job: Job) -> None:
         """Look for jobs again when a job this worker retried becomes due."""
-        if job is None or job.status is not JobStatus.QUEUED:
+        if job.status is not JobStatus.QUEUED:
             return
         # A few milliseconds late rather than early: the store decides with the clock.
         wait = max((job.run_at - self.flow.now()).total_seconds(), 0.0) + 0.005
@@ -524,26 +569,88 @@ class Worker:
                 self._retry_due = due
         self._wake.set()
 
+    # -- leases and timeouts ----------------------------------------------------------
+
+    def _renew(self, attempt: _Attempt, detail: JSONDict | None = None) -> None:
+        """Heartbeat one attempt's lease now (a handler's own progress report)."""
+        with attempt.lock:
+            if attempt.settled:
+                return
+            claim = attempt.claim
+        try:
+            renewed: Claim | LeaseLost = self.flow.heartbeat(
+                claim, lease_seconds=self.lease_seconds, detail=detail)
+        except LeaseLost as lost:
+            renewed = lost
+        except StorageUnavailable as exc:
+            self._heartbeat_failed([attempt], exc)
+            return
+        self._renewed(attempt, renewed)
+
+    def _renew_due(self, due: Sequence[_Attempt]) -> None:
+        """Heartbeat every lease that is due in one store call."""
+        try:
+            renewed = self.flow.heartbeat_many([attempt.claim for attempt in due],
+                                               lease_seconds=self.lease_seconds)
+        except StorageUnavailable as exc:
+            self._heartbeat_failed(due, exc)
+            return
+        for attempt, outcome in zip(due, renewed, strict=True):
+            self._renewed(attempt, outcome)
+
+    def _renewed(self, attempt: _Attempt, outcome: Claim | LeaseLost) -> None:
+        with attempt.lock:
+            if attempt.settled:
+                return  # finished meanwhile: its outcome decides
+            if isinstance(outcome, LeaseLost):
+                attempt.settled = True
+                attempt.abandoned = "lease lost"
+            else:
+                attempt.claim = outcome
+                attempt.next_beat = time.monotonic() + self.heartbeat_interval
+                return
+        attempt.log.warning("job.lease_lost", write="heartbeat")
+
+    def _heartbeat_failed(self, attempts: Sequence[_Attempt], exc: StorageUnavailable) -> None:
+        """The leases may still hold: try again sooner than usual."""
+        self._log.warning("job.heartbeat_failed", jobs=[a.job_id for a in attempts],
+                          error=str(exc))
+        sooner = time.monotonic() + self.heartbeat_interval / 2
+        for attempt in attempts:
+            attempt.next_beat = sooner
+
+    def _time_out(self, attempt: _Attempt) -> None:
+        if not attempt.settle():
+            return
+        attempt.abandoned = "timed out"
+        assert self.job_timeout is not None
+        message = f"handler did not finish within {self.job_timeout:g} s"
+        attempt.log.warning("handler.timed_out", timeout=self.job_timeout)
+        self._outcomes.add(attempt, self._failure(attempt, message, retryable=True,
+                                                  error_code=HANDLER_TIMEOUT),
+                           outcome="timed_out", level="warning")
+
     def _supervise(self) -> None:
         """Renew leases on time and time out overdue handlers, until shut down."""
         while not self._housekeeping_done.is_set():
             self._supervisor_wake.clear()
             with self._attempts_lock:
                 live = [a for a in self._attempts.values() if not a.settled]
+            now = time.monotonic()
             for attempt in live:
-                now = time.monotonic()
+                if attempt.deadline is not None and now >= attempt.deadline:
+                    self._time_out(attempt)
+            due = [a for a in live if not a.settled and now >= a.next_beat]
+            if due:
                 try:
-                    if attempt.deadline is not None and now >= attempt.deadline:
-                        self._time_out(attempt)
-                    elif now >= attempt.next_beat:
-                        self._renew(attempt)
-                except Exception as exc:  # never let one job stop every lease renewal
-                    attempt.log.error("job.supervision_failed", error=error_message(exc),
-                                      exc_info=exc)
-                    attempt.next_beat = time.monotonic() + self.heartbeat_interval / 2
-            due = [min(a.next_beat, a.deadline if a.deadline is not None else a.next_beat)
-                   for a in live if not a.settled]
-            wait = min(due) - time.monotonic() if due else self.heartbeat_interval
+                    self._renew_due(due)
+                except Exception as exc:  # never let one failure stop every lease renewal
+                    self._log.error("worker.supervision_failed", error=error_message(exc),
+                                    exc_info=exc)
+                    self._heartbeat_failed(due, StorageUnavailable(str(exc)))
+            times = [min(a.next_beat, a.deadline if a.deadline is not None else a.next_beat)
+                     for a in live if not a.settled]
+            wait = min(times) - time.monotonic() if times else self.heartbeat_interval
             self._supervisor_wake.wait(max(wait, 0.0))
 
     # -- housekeeping -----------------------------------------------------------------
@@ -571,39 +678,167 @@ class Worker:
 
     # -- shutdown ---------------------------------------------------------------------
 
-    def _shut_down(self) -> int:
-        """Let handlers finish within the grace period, release the rest. Returns
-        how many jobs were handed back."""
+    def _shut_down(self, grace_ends: float) -> int:
+        """Let handlers finish until ``grace_ends``, release the rest. Returns how
+        many jobs are handed back."""
         with self._attempts_lock:
             running = list(self._attempts.values())
         if running and self._shutdown_requested.is_set():
             self._log.info("worker.stopping", running=len(running), grace=self.shutdown_grace)
-        deadline = time.monotonic() + self.shutdown_grace
-        for attempt in running:
-            if attempt.thread is not None:
-                attempt.thread.join(max(deadline - time.monotonic(), 0.0))
-        released = 0
+        while self.busy and time.monotonic() < grace_ends:
+            self._wake.wait(min(grace_ends - time.monotonic(), 0.05))
+            self._wake.clear()
         with self._attempts_lock:
             left = list(self._attempts.values())
+        released = 0
         for attempt in left:
-            if not self._settle(attempt):
+            if not attempt.settle():
                 continue
             attempt.abandoned = "released at shutdown"
-            if self._release(attempt) is not None:
-                released += 1
+            self._outcomes.add(attempt, Released(attempt.claim), outcome="released")
+            released += 1
         return released
 
-    def _hand_back(self, claim: Claim) -> None:
-        """Release a job claimed as the worker was stopping, before it ran; if
-        that fails, its lease expires and ``reconcile`` rescues it."""
-        try:
-            self.flow.release(claim)
-        except JobflowError as exc:
-            self._log.warning("job.release_failed", job_id=claim.job.id,
-                              error=error_message(exc))
 
-    def _release(self, attempt: _Attempt) -> Job | None:
-        return self._write(attempt, "release", lambda: self.flow.release(attempt.claim))
+class _OutcomeBuffer:
+    """Finished attempts' outcomes, written in batches by one thread.
+
+    A batch is written when it holds an outcome for every slot, when its
+    oldest outcome is ``flush_interval`` old, when no handler is running, or
+    when asked (:meth:`written_all`, :meth:`close`). While the store is
+    unavailable a batch is tried again, with backoff, as long as its leases
+    may still hold; an outcome whose lease ran out is given up (its job is
+    rescued and runs again: at least once).
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._changed = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._writing = 0  # outcomes taken from the buffer and not yet written
+        self._urgent = False  # write what is buffered now
+        self._closed_by: float | None = None  # time.monotonic() after which to give up
+
+    def add(self, attempt: _Attempt, outcome: Outcome, /, **log_fields: Any) -> None:
+        with self._changed:
+            self._pending.append(_Pending(attempt, outcome, log_fields, time.monotonic()))
+            self._changed.notify_all()
+
+    def slot_freed(self) -> None:
+        """A handler returned: the batch may be complete."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def written_all(self) -> bool:
+        """Write what is buffered now and wait for it; whether there was nothing to write."""
+        with self._changed:
+            if not self._pending and not self._writing:
+                return True
+            self._urgent = True
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: not self._pending and not self._writing)
+            return False
+
+    def close(self, give_up_at: float) -> None:
+        """Write everything buffered, trying until ``give_up_at`` (time.monotonic())
+        while the store is unavailable; the writing thread then ends."""
+        with self._changed:
+            self._closed_by = give_up_at
+            self._changed.notify_all()
+
+    def write_until_closed(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._write(batch)
+            finally:
+                with self._changed:
+                    self._writing = 0
+                    self._changed.notify_all()
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Wait until a batch is due and take it; None once closed and empty."""
+        worker = self._worker
+        with self._changed:
+            while True:
+                if self._pending:
+                    waited = time.monotonic() - self._pending[0].added
+                    if (self._closed_by is not None or self._urgent
+                            or len(self._pending) >= worker.concurrency
+                            or waited >= worker.flush_interval or not worker.busy):
+                        batch, self._pending = self._pending, []
+                        self._writing, self._urgent = len(batch), False
+                        return batch
+                    self._changed.wait(worker.flush_interval - waited)
+                elif self._closed_by is not None:
+                    return None
+                else:
+                    self._urgent = False
+                    self._changed.wait()
+
+    def _write(self, batch: list[_Pending]) -> None:
+        """One :meth:`~jobflow.JobFlow.finish_many` call for the batch, tried again
+        while the store is unavailable and the leases may still hold."""
+        worker, flow = self._worker, self._worker.flow
+        pause = 0.05
+        while batch:
+            try:
+                written = flow.finish_many([pending.outcome for pending in batch])
+            except StorageUnavailable as exc:
+                batch = self._still_leased(batch, exc)
+                if batch:
+                    give_up_at = self._closed_by
+                    if give_up_at is not None and time.monotonic() + pause > give_up_at:
+                        self._given_up(batch, f"shutting down: {exc}")
+                        return
+                    time.sleep(pause)
+                    pause = min(pause * 2, MAX_WRITE_BACKOFF)
+                continue
+            except JobflowError as exc:
+                self._given_up(batch, error_message(exc))
+                return
+            for pending, outcome in zip(batch, written, strict=True):
+                self._report(pending, outcome)
+                if isinstance(outcome, Job) and isinstance(pending.outcome, Failed):
+                    worker._expect_retry(outcome)
+            return
+
+    def _still_leased(self, batch: list[_Pending], exc: StorageUnavailable) -> list[_Pending]:
+        """The outcomes of ``batch`` whose leases may still hold; the others are given up."""
+        now = self._worker.flow.now()
+        keep = [p for p in batch if p.attempt.claim.job.lease_expires_at is None
+                or p.attempt.claim.job.lease_expires_at > now]
+        lapsed = [p for p in batch if p not in keep]
+        if lapsed:
+            self._given_up(lapsed, f"lease ran out while the store was unavailable: {exc}")
+        if keep:
+            self._worker._log.warning("worker.write_failed", jobs=len(keep), error=str(exc))
+        return keep
+
+    @staticmethod
+    def _given_up(batch: Sequence[_Pending], error: str) -> None:
+        for pending in batch:
+            pending.attempt.log.error("job.write_failed", write=_write_name(pending.outcome),
+                                      error=error)
+
+    @staticmethod
+    def _report(pending: _Pending, outcome: Job | LeaseLost) -> None:
+        """Log an outcome once it is written (or refused for a lost lease)."""
+        attempt = pending.attempt
+        if isinstance(outcome, LeaseLost):
+            attempt.abandoned = attempt.abandoned or "lease lost"
+            attempt.log.warning("job.lease_lost", write=_write_name(pending.outcome))
+            return
+        fields = dict(pending.log_fields)
+        level = fields.pop("level", "info")
+        if fields.get("outcome") == "released":
+            return  # the flow logged the release itself
+        log = attempt.log.warning if level == "warning" else attempt.log.info
+        log("handler.finished", status=outcome.status.value,
+            duration_ms=_elapsed_ms(attempt.started), **fields)
+
+
+def _write_name(outcome: Outcome) -> str:
+    return {Succeeded: "succeed", Failed: "fail", Released: "release"}[type(outcome)]
 
 
 def _elapsed_ms(started: float) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +25,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from jobflow import Claim, Event, Job, JobFlow, JobStatus
+from jobflow import Claim, Event, Failed, Job, JobFlow, JobStatus, Outcome, Released, Succeeded
 from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.errors import (
@@ -248,47 +248,53 @@ class JobFlowMachine(RuleBasedStateMachine):
         if job is not None:
             assert job.status is JobStatus.DONE and job.result == (result or {})
 
-    @rule(batch=st.lists(claims, min_size=1, max_size=4, unique_by=lambda c: c.job.id))
-    def succeed_batch(self, batch: list[Claim]) -> None:
-        """Finish several claims in one write: exactly those whose token is current win."""
-        before = {claim.job.id: self.flow.get(claim.job.id) for claim in batch}
-        outcomes = self.flow.succeed_many(self._results(batch))
-        self._check_batch(batch, before, outcomes)
-
-    @rule(target=claims, batch=st.lists(claims, max_size=4, unique_by=lambda c: c.job.id),
-          worker=S.workers, limit=S.claim_limits)
-    def succeed_and_claim(self, batch: list[Claim], worker: str, limit: int) -> Any:
-        """Finish several claims and take new jobs in one write."""
-        before = {claim.job.id: self.flow.get(claim.job.id) for claim in batch}
-        outcomes, taken = self.flow.succeed_and_claim(self._results(batch), worker, limit=limit)
-        # A stale claim's job may be queued again, and taken by this very call.
-        retaken = {claim.job.id for claim in taken}
-        self._check_batch(batch, before, outcomes, retaken=retaken)
-        assert not {job.id for job in outcomes if isinstance(job, Job)} & retaken, (
-            "a job finished in the same write was claimed again")
-        return multiple(*self._check_claims(taken, worker, limit))
-
-    @staticmethod
-    def _results(batch: list[Claim]) -> list[tuple[Claim, dict[str, Any]]]:
-        return [(claim, {"item": index}) for index, claim in enumerate(batch)]
-
-    def _check_batch(self, batch: list[Claim], before: dict[str, Job],
-                     outcomes: list[Job | LeaseLost], retaken: Collection[str] = ()) -> None:
+    @rule(batch=st.lists(st.tuples(claims, S.outcome_kinds), min_size=1, max_size=4,
+                         unique_by=lambda item: item[0].job.id))
+    def finish_batch(self, batch: list[tuple[Claim, str]]) -> None:
+        """End several attempts in one write, as the Worker's outcome buffer does:
+        exactly those whose token is current win, each as its outcome says."""
+        before = {claim.job.id: self.flow.get(claim.job.id) for claim, _ in batch}
+        outcomes = self.flow.finish_many([_outcome(claim, kind, index)
+                                          for index, (claim, kind) in enumerate(batch)])
         assert len(outcomes) == len(batch)
-        for index, (claim, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+        for index, ((claim, kind), outcome) in enumerate(zip(batch, outcomes, strict=True)):
             job = before[claim.job.id]
-            if job.status is JobStatus.QUICK_RUNNING and job.lease_token == claim.token:
-                assert isinstance(outcome, Job), f"a current lease lost its batch write: {outcome}"
-                assert outcome.status is JobStatus.DONE and outcome.result == {"item": index}
-                assert self.flow.get(job.id) == outcome
-                assert self.flow.history(job.id)[-1].event is Event.SUCCEED
-            else:
-                assert isinstance(outcome, LeaseLost) and outcome.job_id == job.id, (
-                    f"a stale lease holder wrote over job {job.id} ({job.status})")
-                if job.id in retaken:
-                    assert self.flow.get(job.id).lease_token != claim.token
-                else:
-                    self.unchanged(job)
+            if not self._holds(job, claim, outcome):
+                continue
+            assert isinstance(outcome, Job)
+            assert self.flow.get(job.id) == outcome
+            expected = {"succeeded": JobStatus.DONE, "release": JobStatus.QUEUED,
+                        "fail": JobStatus.FAILED,
+                        "retry": JobStatus.QUEUED if job.attempts < job.max_attempts
+                        else JobStatus.FAILED}[kind]
+            assert outcome.status is expected, (kind, outcome)
+            if kind == "succeeded":
+                assert outcome.result == {"item": index}
+            if kind == "release":
+                assert outcome.attempts == job.attempts - 1
+
+    @rule(batch=st.lists(claims, min_size=1, max_size=4, unique_by=lambda c: c.job.id))
+    def heartbeat_batch(self, batch: list[Claim]) -> None:
+        """Renew several leases in one write, as the Worker's supervisor does."""
+        before = {claim.job.id: self.flow.get(claim.job.id) for claim in batch}
+        renewed = self.flow.heartbeat_many(batch)
+        for claim, outcome in zip(batch, renewed, strict=True):
+            if self._holds(before[claim.job.id], claim, outcome):
+                assert isinstance(outcome, Claim) and outcome.token == claim.token
+                assert outcome.job.lease_expires_at == self.now + timedelta(
+                    seconds=S.POLICY.lease_seconds)
+                assert self.flow.get(claim.job.id) == outcome.job
+
+    def _holds(self, job: Job, claim: Claim, outcome: object) -> bool:
+        """Whether ``claim`` held ``job``'s lease before a batch write; if not,
+        the batch must have answered LeaseLost and left the job alone."""
+        if job.status is JobStatus.QUICK_RUNNING and job.lease_token == claim.token:
+            assert not isinstance(outcome, LeaseLost), f"a current lease lost: {outcome}"
+            return True
+        assert isinstance(outcome, LeaseLost) and outcome.job_id == job.id, (
+            f"a stale lease holder wrote over job {job.id} ({job.status})")
+        self.unchanged(job)
+        return False
 
     @rule(claim=claims, retryable=st.booleans())
     def fail(self, claim: Claim, retryable: bool) -> None:
@@ -431,3 +437,11 @@ class JobFlowMachine(RuleBasedStateMachine):
 def machine_for(make_store: Callable[[], JobStore]) -> type[JobFlowMachine]:
     """The state machine bound to one JobStore factory."""
     return type("JobFlowMachineFor", (JobFlowMachine,), {"make_store": staticmethod(make_store)})
+
+
+def _outcome(claim: Claim, kind: str, index: int) -> Outcome:
+    if kind == "succeeded":
+        return Succeeded(claim, {"item": index})
+    if kind == "release":
+        return Released(claim)
+    return Failed(claim, "boom", retryable=kind == "retry")

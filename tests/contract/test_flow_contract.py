@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 import structlog
 
-from jobflow import Event, JobFlow, JobStatus
+from jobflow import Claim, Event, Failed, JobFlow, JobStatus, Released, Succeeded
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.errors import (
     ConfigurationError,
@@ -270,30 +270,61 @@ def test_bad_claim_and_clock_arguments(flow: JobFlow, store: JobStore,
         naive.initiate_upload("alice", content_type="video/mp4")
 
 
-def test_succeed_and_claim_finishes_what_is_held_and_takes_more(
+def test_finish_many_ends_each_attempt_as_its_outcome_says(
         flow: JobFlow, objects: InMemoryObjectStore) -> None:
-    for _ in range(4):
+    for _ in range(5):
         queued_job(flow, objects)
-    held, released = flow.claim("w1", limit=2)
-    flow.release(released)  # its claim is stale from here on
-    with pytest.raises(InvalidInput, match="limit"):
-        flow.succeed_and_claim([(held, None)], "w1", limit=0)
-    with pytest.raises(InvalidInput, match="at most once"):
-        flow.succeed_and_claim([(held, None), (held, None)], "w1")
-    assert flow.get(held.job.id) == held.job, "a refused call wrote nothing"
+    succeeded, retried, failed, released, stale = flow.claim("w1", limit=5)
+    flow.release(stale)  # its claim is stale from here on
 
-    outcomes, claims = flow.succeed_and_claim([(held, {"frames": 3}), (released, None)], "w1",
-                                              limit=5)
+    outcomes = flow.finish_many([
+        Succeeded(succeeded, {"frames": 3}),
+        Failed(retried, "flaky", retry_in=timedelta(seconds=7)),
+        Failed(failed, "broken", retryable=False, error_code="bad_input"),
+        Released(released, "draining"),
+        Succeeded(stale),
+    ])
 
-    done, lost = outcomes
+    done, queued_again, gave_up, back, lost = outcomes
     assert done.status is JobStatus.DONE and done.result == {"frames": 3}
-    assert isinstance(lost, LeaseLost) and lost.job_id == released.job.id
-    assert flow.history(held.job.id)[-1].event is Event.SUCCEED
-    assert len(claims) == 3 and held.job.id not in {c.job.id for c in claims}
-    assert all(flow.get(c.job.id) == c.job for c in claims)
-    assert flow.succeed_and_claim([], "w1", limit=5) == ([], [])
-    finished, none_left = flow.succeed_and_claim([(c, None) for c in claims], "w1")
-    assert [job.status for job in finished] == [JobStatus.DONE] * 3 and none_left == []
+    assert queued_again.status is JobStatus.QUEUED and queued_again.attempts == 1
+    assert queued_again.run_at == flow.now() + timedelta(seconds=7)
+    assert gave_up.status is JobStatus.FAILED and gave_up.error_code == "bad_input"
+    assert back.status is JobStatus.QUEUED and back.attempts == 0
+    assert isinstance(lost, LeaseLost) and lost.job_id == stale.job.id
+    for claim, job, event in [(succeeded, done, Event.SUCCEED), (retried, queued_again,
+                              Event.RETRY), (failed, gave_up, Event.FAIL),
+                              (released, back, Event.RELEASE)]:
+        assert flow.get(claim.job.id) == job
+        assert flow.history(claim.job.id)[-1].event is event
+    assert flow.history(stale.job.id)[-1].event is Event.RELEASE, "a lost lease wrote nothing"
+
+
+def test_heartbeat_many_renews_every_lease_still_held(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    for _ in range(3):
+        queued_job(flow, objects)
+    first, second, stale = flow.claim("w1", limit=3, lease_seconds=30)
+    flow.release(stale)
+    clock.advance(10)
+
+    renewed_first, renewed_second, lost = flow.heartbeat_many([first, second, stale],
+                                                              lease_seconds=60)
+
+    assert isinstance(lost, LeaseLost)
+    for old, new in [(first, renewed_first), (second, renewed_second)]:
+        assert isinstance(new, Claim) and new.token == old.token
+        assert new.job.lease_expires_at == flow.now() + timedelta(seconds=60)
+        assert flow.get(old.job.id) == new.job
+        assert flow.history(old.job.id)[-1].event is Event.HEARTBEAT
+    flow.succeed(renewed_first, {"ok": True})  # the renewed claim still finishes the job
+    assert flow.heartbeat_many([]) == []
+    for nonsense in (0, -1, float("nan"), float("inf"), 10**12):
+        with pytest.raises(InvalidInput, match="lease_seconds"):
+            flow.heartbeat_many([renewed_second], lease_seconds=nonsense)
+        with pytest.raises(InvalidInput, match="lease_seconds"):
+            flow.heartbeat(renewed_second, lease_seconds=nonsense)
+    assert flow.get(second.job.id) == renewed_second.job, "a refused heartbeat wrote nothing"
 
 
 def test_a_batch_keeps_each_result_exactly_as_given(
@@ -304,7 +335,7 @@ def test_a_batch_keeps_each_result_exactly_as_given(
         queued_job(flow, objects)
     claims = flow.claim("w1", limit=4)
     results = [{"n": 1}, {"n": True}, {"n": 1}, {"n": 1}]
-    flow.succeed_many(list(zip(claims, results, strict=True)))
+    flow.finish_many([Succeeded(c, r) for c, r in zip(claims, results, strict=True)])
     stored = [flow.get(claim.job.id).result for claim in claims]
     assert stored == results
     assert [type(result["n"]) for result in stored if result] == [int, bool, int, int]

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import attrs
 import pytest
 
-from jobflow import Event, Job, JobFlow, JobStatus
+from jobflow import Event, Failed, Job, JobFlow, JobStatus, Succeeded
 from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.errors import InvalidInput, JobNotFound
@@ -223,47 +223,16 @@ def test_values_that_vary_within_a_batch_are_stored_exactly(
     assert [store.get(claim.job.id) for claim in claims] == [change.after for change in changes]
 
 
-def test_commit_and_claim_finishes_a_batch_and_claims_in_one_call(
-        flow: JobFlow, store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
-    for _ in range(4):
-        queued(flow, objects)
-    first, second = flow.claim("w1", limit=2)
-    now = clock.advance(1)
-    done_first = core.apply(first.job, Event.SUCCEED, core.Evidence(
-        now=now, policy=POLICY, token=first.token, result={"n": 1}))
-    stolen_second = core.apply(attrs.evolve(second.job, lease_token="stolen"), Event.SUCCEED,
-                               core.Evidence(now=now, policy=POLICY, token="stolen", result={}))
-    untouched = (store.get(second.job.id), store.history(second.job.id))
-
-    written, claims = store.commit_and_claim([done_first, stolen_second], worker_id="w2",
-                                             limit=5, now=now, lease_seconds=60)
-
-    assert written == [done_first.after, None]
-    assert store.get(first.job.id) == done_first.after
-    assert store.history(first.job.id)[-1] == done_first.record(seq=4)
-    assert (store.get(second.job.id), store.history(second.job.id)) == untouched
-    assert len(claims) == 2, "the two jobs still queued, and only those"
-    assert [(c.job.run_at, c.job.id) for c in claims] == sorted(
-        (c.job.run_at, c.job.id) for c in claims)
-    for claim in claims:
-        assert store.get(claim.job.id) == claim.job
-        assert claim.job.lease_owner == "w2" and claim.job.attempts == 1
-        assert store.history(claim.job.id)[-1].event is Event.CLAIM
-    assert store.commit_and_claim([], worker_id="w2", limit=1, now=now,
-                                  lease_seconds=60) == ([], [])
-    with pytest.raises(InvalidInput, match="one change per job"):
-        store.commit_and_claim([done_first, done_first], worker_id="w2", limit=1, now=now,
-                               lease_seconds=60)
-
-
-def test_succeed_many_refuses_a_bad_batch_before_writing_anything(
+def test_finish_many_refuses_a_bad_batch_before_writing_anything(
         flow: JobFlow, store: JobStore, objects: InMemoryObjectStore) -> None:
     for _ in range(2):
         queued(flow, objects)
     first, second = flow.claim("w1", limit=2)
     with pytest.raises(InvalidInput, match="at most once"):
-        flow.succeed_many([(first, None), (first, {"again": True})])
+        flow.finish_many([Succeeded(first), Failed(first, "again")])
     with pytest.raises(InvalidInput, match="result"):
-        flow.succeed_many([(first, None), (second, {"not json": object()})])
+        flow.finish_many([Succeeded(first), Succeeded(second, {"not json": object()})])
+    with pytest.raises(InvalidInput, match="Succeeded, Failed or Released"):
+        flow.finish_many([Succeeded(first), (second, None)])  # type: ignore[list-item]
     assert [store.get(claim.job.id) for claim in (first, second)] == [first.job, second.job]
-    assert flow.succeed_many([]) == []
+    assert flow.finish_many([]) == []

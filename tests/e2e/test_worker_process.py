@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 
 import pytest
+import sqlalchemy as sa
 
 from jobflow import JobStatus
 from jobflow.models import Event, JobEvent
@@ -153,3 +154,38 @@ def test_an_idle_postgres_worker_starts_a_new_job_without_waiting_for_a_poll(
              timeout=10)
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+@pytest.mark.postgres
+def test_a_burst_worker_drains_the_queue_in_batches(postgres_deployment: Deployment,
+                                                    pg_url: sa.URL) -> None:
+    """``jobflow worker --burst -c 8`` runs every job once and exits 0; the
+    database runs far fewer statements on the jobs table than there are jobs
+    (claims and finishing writes go in batches), as pg_stat_statements counts."""
+    deployment = postgres_deployment
+    job_ids = [deployment.queue_job() for _ in range(120)]
+    # The extension's view lives in a database of its own; it sees every database.
+    stats = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with stats.connect() as conn:
+            conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.exec_driver_sql("SELECT pg_stat_statements_reset()")
+        worker = deployment.start_worker("burst", "--burst", "--concurrency", "8",
+                                         *NO_RECONCILE)
+        assert worker.wait(timeout=60) == 0
+        database = sa.make_url(deployment.settings.database_url).database
+        with stats.connect() as conn:
+            statements = conn.execute(sa.text(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s "
+                "JOIN pg_database d ON d.oid = s.dbid "
+                "WHERE d.datname = :database AND s.query ILIKE '%jobflow_jobs%'"),
+                {"database": database}).scalar_one()
+    finally:
+        stats.dispose()
+
+    flow = deployment.flow()
+    assert all(flow.get(job_id).status is JobStatus.DONE for job_id in job_ids)
+    assert all(len(marks(deployment.marks, job_id, "finished")) == 1 for job_id in job_ids)
+    per_job = statements / len(job_ids)
+    print(f"statements on the jobs table per job at concurrency 8: {per_job:.3f}")
+    assert per_job < 0.4, f"{statements} statements for {len(job_ids)} jobs"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import structlog
 
-from jobflow import Job, JobFlow, JobStatus, UploadPolicy
+from jobflow import Job, JobStatus, UploadPolicy
 from jobflow.errors import ConfigurationError, PermanentJobError
 from jobflow.models import Event
 from jobflow.worker import (
@@ -325,43 +324,6 @@ def test_claims_fill_free_capacity_only(make_flow: FlowFactory) -> None:
 
     assert counts[JobStatus.QUICK_RUNNING] == 3 and counts[JobStatus.QUEUED] == 2
     assert all(flow.get(j).attempts == 1 for j in job_ids)
-
-
-class CountingStore:
-    """A job store that counts the calls a worker makes on it."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.calls: Counter[str] = Counter()
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self.inner, name)
-        if not callable(attribute):
-            return attribute
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls[name] += 1
-            return attribute(*args, **kwargs)
-        return counted
-
-
-def test_a_finished_job_and_the_next_claim_share_one_write(make_flow: FlowFactory) -> None:
-    """With a job waiting, finishing one job claims the next in the same store
-    call (one commit), not in a second one."""
-    flow = make_flow()
-    job_ids = [queue_job(flow) for _ in range(5)]
-    store = CountingStore(flow.store)
-    counted = JobFlow(store=store, objects=flow.objects, policy=flow.policy)
-    worker = Worker(counted, lambda job, ctx: {"id": job.id}, concurrency=1, **CALM)
-    worker.run(until_idle=True)
-
-    assert [flow.get(j).result for j in job_ids] == [{"id": j} for j in job_ids]
-    assert store.calls["commit_and_claim"] == 5  # one per finished job
-    assert store.calls["claim"] == 2  # the first job, and the empty queue at the end
-    assert store.calls["commit"] == 0  # no separate finishing write
-    for job_id in job_ids:
-        assert events(flow, job_id) == [Event.CREATED, Event.VERIFY_UPLOAD, Event.CLAIM,
-                                        Event.SUCCEED]
 
 
 def test_periodic_reconcile_adopts_forgotten_uploads_and_rescues_dead_workers(

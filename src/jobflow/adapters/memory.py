@@ -119,14 +119,6 @@ class InMemoryJobStore(_Outage):
                 claims.append(Claim(job=claimed, token=claimed.lease_token))
         return claims
 
-    def commit_and_claim(self, changes: Sequence[Change], *, worker_id: str, limit: int,
-                         now: datetime, lease_seconds: float
-                         ) -> tuple[list[Job | None], list[Claim]]:
-        with self._locked():  # re-entrant: both steps under one hold of the lock
-            written = self.commit_many(changes)
-            return written, self.claim(worker_id=worker_id, limit=limit, now=now,
-                                       lease_seconds=lease_seconds)
-
     def history(self, job_id: str) -> list[JobEvent]:
         with self._locked():
             if job_id not in self._jobs:
