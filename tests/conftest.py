@@ -19,7 +19,14 @@ import jobflow.migrations
 from jobflow.adapters.memory import InMemoryJobStore
 from jobflow.ports import JobStore
 from tests.pgcluster import DatabaseServer, PostgresCluster, PostgresUnavailable
-from tests.sqlstores import PostgresStores, SQLiteStores, empty_tables, migrated_sqlite_file
+from tests.sqlstores import (
+    ListenedEngine,
+    PostgresStores,
+    SQLiteStores,
+    empty_tables,
+    listened_engine,
+    migrated_sqlite_file,
+)
 from tests.strategies import START
 
 # Read before any test runs: the autouse fixture below hides JOBFLOW_* from tests.
@@ -60,7 +67,10 @@ class ManualClock:
         self.now += timedelta(seconds=seconds)
         return self.now
 
-STORE_KINDS = ["memory", "sqlite", "postgres"]
+#: "postgres-listener": the same PostgreSQL database through an engine with
+#: statement and error listeners attached, as tracing instrumentation attaches
+#: them; the store must behave the same with and without.
+STORE_KINDS = ["memory", "sqlite", "postgres", "postgres-listener"]
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +82,7 @@ def _no_jobflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(params=[
-    pytest.param(kind, marks=[pytest.mark.postgres] if kind == "postgres" else [])
+    pytest.param(kind, marks=[pytest.mark.postgres] if kind.startswith("postgres") else [])
     for kind in STORE_KINDS])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """A factory of fresh, empty job stores of one kind."""
@@ -85,6 +95,10 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store
         stores.dispose()
     elif request.param == "postgres":
         yield PostgresStores(request.getfixturevalue("pg_engine"))
+    elif request.param == "postgres-listener":
+        listened: ListenedEngine = request.getfixturevalue("pg_listened_engine")
+        yield PostgresStores(listened.engine)
+        assert listened.log.unaccounted == 0, "a statement neither came back nor failed"
     else:  # pragma: no cover - every kind above has a branch
         raise AssertionError(request.param)
 
@@ -130,6 +144,14 @@ def pg_session_engine(pg_server: DatabaseServer) -> Iterator[sa.Engine]:
     jobflow.migrations.upgrade(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_listened_engine(pg_session_engine: sa.Engine) -> Iterator[ListenedEngine]:
+    """A second engine on the run's migrated database, with statement listeners."""
+    listened = listened_engine(pg_session_engine.url)
+    yield listened
+    listened.engine.dispose()
 
 
 @pytest.fixture

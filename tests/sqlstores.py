@@ -4,15 +4,17 @@ copy of a migrated SQLite file, or an emptied PostgreSQL database."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import shutil
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
 import jobflow.migrations
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
-from jobflow.adapters.sqlalchemy_schema import events, jobs
+from jobflow.adapters.sqlalchemy.schema import events, jobs
 
 
 def migrated_sqlite_file(path: Path) -> Path:
@@ -70,3 +72,45 @@ class PostgresStores:
     def __call__(self) -> SqlAlchemyJobStore:
         empty_tables(self._engine)
         return SqlAlchemyJobStore(self._engine)
+
+
+class StatementLog:
+    """What the statement listeners of an engine saw: every statement sent
+    (with its parameters), every one that came back, every error."""
+
+    def __init__(self) -> None:
+        self.sent: collections.deque[tuple[str, Any]] = collections.deque(maxlen=100)
+        self.started = self.finished = self.failed = 0
+
+    def before(self, conn: sa.Connection, cursor: Any, statement: str, parameters: Any,
+               context: Any, executemany: bool) -> None:
+        self.sent.append((statement, parameters))
+        self.started += 1
+
+    def after(self, conn: sa.Connection, cursor: Any, statement: str, parameters: Any,
+              context: Any, executemany: bool) -> None:
+        self.finished += 1
+
+    def error(self, context: sa.engine.ExceptionContext) -> None:
+        self.failed += 1
+
+    @property
+    def unaccounted(self) -> int:
+        """Statements that neither came back nor failed (none, between calls)."""
+        return self.started - self.finished - self.failed
+
+
+class ListenedEngine(NamedTuple):
+    engine: sa.Engine
+    log: StatementLog
+
+
+def listened_engine(url: sa.URL, **options: Any) -> ListenedEngine:
+    """An engine on ``url`` with statement listeners attached, as tracing
+    instrumentation attaches them, and what they saw."""
+    engine = sa.create_engine(url, **options)
+    log = StatementLog()
+    sa.event.listen(engine, "before_cursor_execute", log.before)
+    sa.event.listen(engine, "after_cursor_execute", log.after)
+    sa.event.listen(engine, "handle_error", log.error)
+    return ListenedEngine(engine, log)

@@ -15,7 +15,7 @@ from jobflow import Event, JobStatus
 from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import NOTIFY_CHANNEL, SqlAlchemyJobStore
-from jobflow.adapters.sqlalchemy_schema import events, jobs
+from jobflow.adapters.sqlalchemy.schema import events, jobs
 from jobflow.errors import ConfigurationError, JobNotFound
 from tests.integration.conftest import flow_on
 

@@ -1,5 +1,6 @@
 """The hot PostgreSQL queries can use their partial indexes: claiming queued jobs
-and the scans of reconcile and monitoring never need to read finished jobs."""
+and the scans of reconcile and monitoring never need to read finished jobs, and
+a batch write finds its jobs by primary key."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from psycopg.sql import Literal
 from jobflow import Event
 from jobflow import states as core
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
+from jobflow.models import Change, Claim
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 Statement = tuple[str, Any]
@@ -87,65 +89,67 @@ FROM generate_series(1, %(count)s) AS n, (SELECT timestamptz '2029-12-01' AS t) 
 """
 
 
-@pytest.mark.postgres
-def test_claims_reach_jobs_through_indexes_whatever_the_batch_size(
-        pg_engine: sa.Engine, executed: list[Statement]) -> None:
-    """A plan made once for every batch size must not hash the whole table to
-    find the jobs it took (a join on the picked ids let it do that), neither
-    in a claim nor in a finish-and-claim."""
-    with pg_engine.begin() as conn:
-        conn.exec_driver_sql(SEED_QUEUED, {"count": QUEUED_JOBS})
-    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+def succeeded(claims: list[Claim]) -> list[Change]:
+    return [core.apply(claim.job, Event.SUCCEED, core.Evidence(
+        now=NOW, token=claim.token, result={"n": index})) for index, claim in enumerate(claims)]
+
+
+def seed_queue(engine: sa.Engine, count: int) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(SEED_QUEUED, {"count": count})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("ANALYZE jobflow_jobs")
+
+
+@pytest.mark.postgres
+def test_claims_and_batch_writes_reach_jobs_through_indexes_whatever_the_batch_size(
+        pg_engine: sa.Engine, executed: list[Statement]) -> None:
+    """A plan made once for every batch size must not scan the whole table to
+    find the jobs it writes: a claim goes through the partial index of queued
+    jobs and then by primary key (a join on the picked ids let it hash the
+    whole table), a batch write by primary key (the planner cannot see how long
+    its arrays are)."""
+    seed_queue(pg_engine, QUEUED_JOBS)
     store = SqlAlchemyJobStore(pg_engine)
-    first, second = store.claim(worker_id="w", limit=2, now=NOW, lease_seconds=60)
-    finished = [core.apply(claim.job, Event.SUCCEED, core.Evidence(
-        now=NOW, token=claim.token, result={"n": index}))
-        for index, claim in enumerate((first, second))]
-    written, claims = store.commit_and_claim(finished, worker_id="w", limit=100, now=NOW,
-                                             lease_seconds=60)
-    assert written == [change.after for change in finished] and len(claims) == 100
-    claiming = [statement for statement in executed if "SKIP LOCKED" in statement[0]]
-    assert len(claiming) == 2
-    for statement in claiming:
+    claims = store.claim(worker_id="w", limit=100, now=NOW, lease_seconds=60)
+    finished = succeeded(claims)
+    assert store.commit_many(finished) == [change.after for change in finished]
+    *_, claiming, batch_write = executed  # after the seeding
+    assert "SKIP LOCKED" in claiming[0] and "unnest(" in batch_write[0]
+    for statement in (claiming, batch_write):
         plan = generic_plan_of(pg_engine, statement, seqscan=True)
         assert "Seq Scan on jobflow_jobs" not in plan, plan
+    assert "ix_jobflow_jobs_queued_run_at" in generic_plan_of(pg_engine, claiming)
+    assert "pk_jobflow_jobs" in generic_plan_of(pg_engine, batch_write, seqscan=True)
 
 
-PLANS_OF_CLAIMS = """
+PREPARED_PLANS = """
 SELECT generic_plans, custom_plans FROM pg_prepared_statements
-WHERE strpos(statement, 'SKIP LOCKED') > 0 ORDER BY prepare_time
+WHERE strpos(statement, 'SKIP LOCKED') > 0 OR strpos(statement, 'WITH changed AS') > 0
+ORDER BY prepare_time
 """
 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("batch", [1, 10])
-def test_prepared_claims_are_not_planned_again_at_every_call_on_a_long_queue(
+def test_prepared_claims_and_finishes_are_not_planned_again_at_every_call(
         pg_engine: sa.Engine, batch: int) -> None:
     """psycopg prepares a statement from its fifth run on; PostgreSQL then tries
     five custom plans before it settles on one plan for every call. With a
-    long queue it must still settle, for a claim and for a finish-and-claim,
-    whether it finishes one job or several: planning these statements costs
-    about as much as running them."""
-    with pg_engine.begin() as conn:
-        conn.exec_driver_sql(SEED_QUEUED, {"count": 20_000})
-    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.exec_driver_sql("ANALYZE jobflow_jobs")
+    long queue it must still settle, for a claim and for the write that
+    finishes what it took (one commit, or a batch write): planning these
+    statements costs about as much as running them."""
+    seed_queue(pg_engine, 20_000)
     engine = sa.create_engine(pg_engine.url, pool_size=1, max_overflow=0)
     try:
         store = SqlAlchemyJobStore(engine)
         calls = 20
-        claims = []
         for _ in range(calls):
-            claims = store.claim(worker_id="w", limit=batch, now=NOW, lease_seconds=60)
-        for _ in range(calls):
-            finished = [core.apply(claim.job, Event.SUCCEED, core.Evidence(
-                now=NOW, token=claim.token, result={})) for claim in claims]
-            written, claims = store.commit_and_claim(finished, worker_id="w", limit=batch,
-                                                     now=NOW, lease_seconds=60)
-            assert written == [change.after for change in finished] and len(claims) == batch
+            finished = succeeded(store.claim(worker_id="w", limit=batch, now=NOW,
+                                             lease_seconds=60))
+            assert store.commit_many(finished) == [change.after for change in finished]
         with engine.connect() as conn:  # the pool's one connection: its prepared statements
-            plans = conn.exec_driver_sql(PLANS_OF_CLAIMS).all()
+            plans = conn.exec_driver_sql(PREPARED_PLANS).all()
     finally:
         engine.dispose()
     assert len(plans) == 2

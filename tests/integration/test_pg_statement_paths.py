@@ -1,40 +1,40 @@
-"""On its own connections the PostgreSQL store sends its statements straight to
-psycopg. When the engine logs statements or has statement event listeners,
-they go through SQLAlchemy's execution layer instead, so that those see every
-statement. Either way the store reads and writes the same jobs and histories."""
+"""The PostgreSQL store sends every statement through SQLAlchemy's execution
+layer, whatever the engine has attached: its statement log (``echo``) and its
+listeners (as tracing instrumentation attaches them) see each statement with
+its parameters, and an engine with listeners reads and writes exactly what a
+plain one does."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from jobflow import Job, JobFlow, JobStatus
+from jobflow import Event, Job, JobFlow, JobStatus, Succeeded
+from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 from jobflow.errors import InvalidInput
-from jobflow.models import Change, Event
+from jobflow.keys import upload_key
+from jobflow.models import Change, Claim
 from tests.integration.conftest import flow_on
+from tests.sqlstores import ListenedEngine, listened_engine
+from tests.strategies import POLICY
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def watched(pg_engine: sa.Engine) -> Iterator[tuple[sa.Engine, list[str]]]:
-    """A second engine on the run's database, and the statements its listener saw."""
-    engine = sa.create_engine(pg_engine.url)
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
-        seen.append(statement)
-
-    sa.event.listen(engine, "before_cursor_execute", record)
-    yield engine, seen
-    engine.dispose()
+def listened(pg_engine: sa.Engine) -> Iterator[ListenedEngine]:
+    """A second engine on the run's database, with statement listeners."""
+    listened = listened_engine(pg_engine.url)
+    yield listened
+    listened.engine.dispose()
 
 
 def queue_jobs(flow: JobFlow, objects: InMemoryObjectStore, count: int) -> list[str]:
@@ -47,22 +47,84 @@ def queue_jobs(flow: JobFlow, objects: InMemoryObjectStore, count: int) -> list[
     return job_ids
 
 
-def test_statement_listeners_see_every_call_of_the_store(
-        watched: tuple[sa.Engine, list[str]], objects: InMemoryObjectStore) -> None:
-    engine, seen = watched
+def succeeded(claim: Claim, now: datetime) -> Change:
+    return core.apply(claim.job, Event.SUCCEED, core.Evidence(
+        now=now, token=claim.token, result={"job": claim.job.id}))
+
+
+def test_each_call_of_the_store_is_one_statement_its_listeners_see(
+        listened: ListenedEngine, objects: InMemoryObjectStore) -> None:
+    engine, log = listened
+    store = SqlAlchemyJobStore(engine)
+    first, _, _ = queue_jobs(flow_on(store, objects), objects, 3)
+    now = datetime.now(UTC)
+    claims: list[Claim] = []
+    job_id = str(uuid.uuid4())
+    created = core.new_job(job_id=job_id, owner_id="bob", params={}, bucket="videos",
+                           key=upload_key(job_id), content_type="video/mp4",
+                           expected_sha256=None, now=now, policy=POLICY)
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("INSERT INTO jobflow_jobs", lambda: store.create(created)),
+        ("FOR UPDATE SKIP LOCKED", lambda: claims.extend(
+            store.claim(worker_id="w1", limit=3, now=now, lease_seconds=60))),
+        ("UPDATE jobflow_jobs", lambda: store.commit(succeeded(claims[0], now))),
+        ("unnest(", lambda: store.commit_many([succeeded(c, now) for c in claims[1:]])),
+        ("FROM jobflow_jobs", lambda: store.get(first)),
+        ("FROM jobflow_job_events", lambda: store.history(first)),
+        ("GROUP BY jobflow_jobs.status", store.counts),
+        ("'awaiting_upload'", lambda: store.awaiting_uploads(limit=10)),
+        ("'quick_running'", lambda: store.expired_leases(now=now, limit=10)),
+        ("'failed'", lambda: store.failed_since(since=now, limit=10)),
+    ]
+    for fragment, call in calls:
+        started = log.started
+        call()
+        assert log.started == started + 1, fragment
+        assert log.unaccounted == 0, fragment
+        assert fragment in log.sent[-1][0], fragment
+    assert len(claims) == 3
+    assert store.counts()[JobStatus.DONE] == 3
+
+
+def test_statement_listeners_see_each_statements_parameters(
+        listened: ListenedEngine, objects: InMemoryObjectStore) -> None:
+    """What tracing instrumentation reads in ``before_cursor_execute``."""
+    engine, log = listened
     flow = flow_on(SqlAlchemyJobStore(engine), objects)
     first, second = queue_jobs(flow, objects, 2)
-    assert len(seen) == 6, "twice: initiate_upload (a write), complete_upload (a read, a write)"
-    [held] = flow.claim("w1")
-    calls: list[Callable[[], object]] = [
-        lambda: flow.succeed_and_claim([(held, None)], "w1"), lambda: flow.get(first),
-        lambda: flow.history(second), lambda: flow.counts(), lambda: flow.reconcile(),
-    ]
-    for call in calls:
-        before = len(seen)
-        call()
-        assert len(seen) > before
-    assert flow.counts()[JobStatus.DONE] == 1
+    flow.get(first)
+    assert log.sent[-1][1]["job_id"] == first
+    claims = flow.claim("w1", limit=2)
+    statement, parameters = log.sent[-1]
+    assert "SKIP LOCKED" in statement and parameters["worker_id"] == "w1"
+    flow.finish_many([Succeeded(claim, {"ok": 1}) for claim in claims])
+    statement, parameters = log.sent[-1]
+    assert "unnest(" in statement
+    low, high = sorted([first, second])
+    assert parameters["batch_job_id"] == f'{{"{low}","{high}"}}'  # an array literal
+
+
+def test_a_listener_that_rewrites_statements_is_obeyed(
+        pg_engine: sa.Engine, objects: InMemoryObjectStore) -> None:
+    """SQL commenters (tracing context in a comment) return the statement they send."""
+    engine = sa.create_engine(pg_engine.url)
+    commented: list[str] = []
+
+    def comment(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                executemany: bool) -> tuple[str, Any]:
+        commented.append(statement)
+        return f"{statement} /*traceparent='00-{uuid.uuid4().hex}-{'0' * 16}-01'*/", parameters
+
+    sa.event.listen(engine, "before_cursor_execute", comment, retval=True)
+    try:
+        flow = flow_on(SqlAlchemyJobStore(engine), objects)
+        job_ids = queue_jobs(flow, objects, 2)
+        outcomes = flow.finish_many([Succeeded(claim) for claim in flow.claim("w1", limit=2)])
+    finally:
+        engine.dispose()
+    assert [job.status for job in outcomes if isinstance(job, Job)] == [JobStatus.DONE] * 2
+    assert {job.id for job in outcomes if isinstance(job, Job)} == set(job_ids)
+    assert any("SKIP LOCKED" in statement for statement in commented)
 
 
 def test_sqlalchemys_statement_log_sees_the_store(
@@ -72,38 +134,41 @@ def test_sqlalchemys_statement_log_sees_the_store(
     try:
         flow = flow_on(SqlAlchemyJobStore(engine), objects)
         with caplog.at_level(logging.INFO, logger="sqlalchemy.engine"):
-            queue_jobs(flow, objects, 1)
-            flow.claim("w1")
+            queue_jobs(flow, objects, 2)
+            flow.finish_many([Succeeded(claim) for claim in flow.claim("w1", limit=2)])
     finally:
         engine.dispose()
-    logged = [record.getMessage() for record in caplog.records]
-    assert any("FOR UPDATE SKIP LOCKED" in message for message in logged)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    for fragment in ("INSERT INTO jobflow_jobs", "UPDATE jobflow_jobs", "FOR UPDATE SKIP LOCKED",
+                     "unnest(", "'worker_id': 'w1'"):
+        assert fragment in logged
 
 
-def test_both_ways_read_and_write_the_same_jobs(
-        pg_engine: sa.Engine, watched: tuple[sa.Engine, list[str]],
+def test_an_engine_with_listeners_reads_and_writes_what_a_plain_one_does(
+        pg_engine: sa.Engine, listened: ListenedEngine,
         objects: InMemoryObjectStore) -> None:
-    direct = flow_on(SqlAlchemyJobStore(pg_engine), objects)
-    through_sqlalchemy = flow_on(SqlAlchemyJobStore(watched[0]), objects)
-    job_ids = queue_jobs(direct, objects, 4)
-    # Each way finishes a job the other way claimed.
-    first, second = direct.claim("w1", limit=2)
-    [done], [third] = through_sqlalchemy.succeed_and_claim([(first, {"ok": 1})], "w2")
-    [also_done] = direct.succeed_many([(third, {"ok": 3})])
-    assert [first.job.id, second.job.id, third.job.id] == job_ids[:3]
-    assert isinstance(done, Job) and isinstance(also_done, Job)
-    assert (done.status, also_done.status) == (JobStatus.DONE, JobStatus.DONE)
+    plain = flow_on(SqlAlchemyJobStore(pg_engine), objects)
+    with_listeners = flow_on(SqlAlchemyJobStore(listened.engine), objects)
+    job_ids = queue_jobs(plain, objects, 3) + queue_jobs(with_listeners, objects, 2)
+    # Each finishes jobs the other claimed.
+    first, second = plain.claim("w1", limit=2)
+    third, fourth = with_listeners.claim("w2", limit=2)
+    done = with_listeners.finish_many([Succeeded(first, {"ok": 1}), Succeeded(second)])
+    also_done = plain.finish_many([Succeeded(third, {"ok": 3})])
+    assert [claim.job.id for claim in (first, second, third, fourth)] == job_ids[:4]
+    assert all(isinstance(job, Job) and job.status is JobStatus.DONE
+               for job in [*done, *also_done])
     for job_id in job_ids:
-        job = direct.get(job_id)
-        assert job == through_sqlalchemy.get(job_id)
+        job = plain.get(job_id)
+        assert job == with_listeners.get(job_id)
         assert job.created_at.tzinfo is UTC and job.updated_at.tzinfo is UTC
         assert isinstance(job.status, JobStatus)
-        assert job.params == {"n": job_ids.index(job_id)}
-        assert direct.history(job_id) == through_sqlalchemy.history(job_id)
-    assert [direct.get(job_id).status for job_id in job_ids] == [
-        JobStatus.DONE, JobStatus.QUICK_RUNNING, JobStatus.DONE, JobStatus.QUEUED]
-    assert direct.get(job_ids[2]).result == {"ok": 3}
-    assert direct.counts() == through_sqlalchemy.counts()
+        assert job.params == {"n": job_ids.index(job_id) % 3}
+        assert plain.history(job_id) == with_listeners.history(job_id)
+    assert [plain.get(job_id).status for job_id in job_ids] == [
+        JobStatus.DONE, JobStatus.DONE, JobStatus.DONE, JobStatus.QUICK_RUNNING, JobStatus.QUEUED]
+    assert plain.get(job_ids[2]).result == {"ok": 3}
+    assert plain.counts() == with_listeners.counts()
 
 
 def test_driver_errors_keep_the_parameters_hidden_when_the_engine_does(
@@ -152,7 +217,7 @@ def test_the_pool_gets_its_connections_back_as_it_lent_them(
 
 
 @pytest.mark.parametrize("event", ["handle_error", "engine_connect"])
-def test_error_and_connection_listeners_see_the_store_through_sqlalchemy(
+def test_error_and_connection_listeners_hear_the_store(
         pg_engine: sa.Engine, objects: InMemoryObjectStore, event: str) -> None:
     engine = sa.create_engine(pg_engine.url)
     heard: list[object] = []

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from jobflow import Event, Job, JobFlow, JobStatus, ObjectInfo
 from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
-from jobflow.adapters.sqlalchemy_schema import events, jobs
+from jobflow.adapters.sqlalchemy.schema import events, jobs
 from jobflow.keys import upload_key
 from tests.strategies import POLICY
 

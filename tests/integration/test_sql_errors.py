@@ -15,7 +15,8 @@ import attrs
 import pytest
 import sqlalchemy as sa
 
-from jobflow import Job, JobFlow, JobStatus
+from jobflow import Job, JobFlow, JobStatus, Succeeded
+from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 from jobflow.errors import (
@@ -95,12 +96,13 @@ def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("watched", [False, True], ids=["direct", "through-sqlalchemy"])
+@pytest.mark.parametrize("listened", [False, True], ids=["plain", "with-listeners"])
 def test_a_statement_postgres_rolls_back_to_break_a_deadlock_runs_again(
-        pg_engine: sa.Engine, watched: bool) -> None:
+        pg_engine: sa.Engine, listened: bool) -> None:
     engine = sa.create_engine(pg_engine.url, connect_args={"application_name": DOOMED})
-    if watched:  # a statement listener: the store runs its statements through SQLAlchemy
+    if listened:
         sa.event.listen(engine, "before_cursor_execute", lambda *args: None)
+        sa.event.listen(engine, "handle_error", lambda *args: None)
     objects = InMemoryObjectStore()
     flow = flow_on(SqlAlchemyJobStore(engine), objects)
     ticket = flow.initiate_upload("alice", content_type="video/mp4")
@@ -117,7 +119,7 @@ def test_a_statement_postgres_rolls_back_to_break_a_deadlock_runs_again(
                 " attempt, detail)"
                 " VALUES (:job, :seq, 'heartbeat', 'quick_running', 'quick_running', now(), 1,"
                 " '{}')"), job)
-            finishing = pool.submit(flow.succeed_and_claim, [(held, {"n": 1})], "w1")
+            finishing = pool.submit(flow.finish_many, [Succeeded(held, {"n": 1})])
             waiting = sa.text("SELECT count(*) FROM pg_stat_activity "
                               "WHERE application_name = :doomed AND wait_event_type = 'Lock'")
             deadline = time.monotonic() + 10
@@ -128,7 +130,7 @@ def test_a_statement_postgres_rolls_back_to_break_a_deadlock_runs_again(
             other.execute(sa.text("UPDATE jobflow_jobs SET updated_at = updated_at "
                                   "WHERE id = :job"), job)
             other.rollback()
-            [done], [] = finishing.result(timeout=30)
+            [done] = finishing.result(timeout=30)
         assert isinstance(done, Job) and done.status is JobStatus.DONE
         assert done.result == {"n": 1}
         assert [row.event for row in flow.history(held.job.id)] == [
@@ -163,26 +165,25 @@ def test_a_locked_sqlite_database_is_storage_unavailable_until_released(
     assert flow.counts()[JobStatus.AWAITING_UPLOAD] == 1
 
 
-def test_a_succeed_and_claim_that_fails_writes_neither_part(
-        sqlite_engines: tuple[sa.Engine, sa.Engine]) -> None:
-    engine, other_writer = sqlite_engines
-    objects = InMemoryObjectStore()
-    flow = flow_on(SqlAlchemyJobStore(engine, busy_timeout_seconds=0.05), objects)
-    for _ in range(2):
-        ticket = flow.initiate_upload("alice", content_type="video/mp4")
-        objects.put(ticket.key, b"0123456789", content_type="video/mp4")
-        flow.complete_upload(ticket.job_id)
-    [held] = flow.claim("w1")
-    with other_writer.connect() as conn:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-        with pytest.raises(StorageUnavailable, match="database is locked"):
-            flow.succeed_and_claim([(held, None)], "w1")
-        conn.rollback()
-    assert flow.get(held.job.id) == held.job, "the finish was not written"
-    assert flow.counts()[JobStatus.QUEUED] == 1, "nor was the claim"
-    [done], [taken] = flow.succeed_and_claim([(held, None)], "w1")
-    assert isinstance(done, Job) and done.status is JobStatus.DONE
-    assert taken.job.status is JobStatus.QUICK_RUNNING and taken.job.id != held.job.id
+def test_a_batch_write_that_fails_writes_none_of_its_changes(
+        sql_flow: JobFlow, sql_store: SqlAlchemyJobStore) -> None:
+    """One change the database refuses fails the whole batch, the changes
+    before it included."""
+    first, second = (sql_flow.get(sql_flow.initiate_upload("alice", content_type="video/mp4")
+                                  .job_id) for _ in range(2))
+    now = datetime.now(UTC)
+    cancelled = core.apply(first, Event.CANCEL, core.Evidence(now=now))
+    forged = Change(event=Event.VERIFY_UPLOAD, before=second,
+                    after=attrs.evolve(second, status=JobStatus.QUEUED, updated_at=now))
+    for batch in ([cancelled, forged], [forged, cancelled]):
+        with pytest.raises(InvalidInput, match="upload_verified_unless_waiting_or_failed"):
+            sql_store.commit_many(batch)
+        for job in (first, second):
+            assert sql_flow.get(job.id) == job
+            assert len(sql_flow.history(job.id)) == 1
+    also_cancelled = core.apply(second, Event.CANCEL, core.Evidence(now=now))
+    assert sql_store.commit_many([cancelled, also_cancelled]) == [cancelled.after,
+                                                                   also_cancelled.after]
 
 
 def test_a_database_without_jobflow_tables_is_a_configuration_error(

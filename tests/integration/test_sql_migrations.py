@@ -18,7 +18,7 @@ import jobflow.migrations
 from jobflow import Event, JobFlow, JobStatus
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
-from jobflow.adapters.sqlalchemy_schema import metadata
+from jobflow.adapters.sqlalchemy.schema import metadata
 from tests.integration.conftest import flow_on
 
 JOBFLOW_TABLES = {"jobflow_jobs", "jobflow_job_events", "jobflow_alembic_version"}

@@ -34,7 +34,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from jobflow.adapters.sqlalchemy_schema import table_names
+from jobflow.adapters.sqlalchemy.schema import table_names
 
 #: The table where jobflow records which of its migrations ran.
 VERSION_TABLE = "jobflow_alembic_version"

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from jobflow.adapters.sqlalchemy_schema import metadata
+from jobflow.adapters.sqlalchemy.schema import metadata
 from jobflow.migrations import VERSION_TABLE, is_jobflow_table
 
 

@@ -132,18 +132,19 @@ jobs = sa.Table(
     sa.CheckConstraint("history_length >= 1", name="history_not_empty"),
 )
 
-sa.Index("ix_jobflow_jobs_queued_run_at", jobs.c.run_at, jobs.c.id,
-         postgresql_where=status_is(JobStatus.QUEUED),
-         sqlite_where=status_is(JobStatus.QUEUED))
-sa.Index("ix_jobflow_jobs_awaiting_upload_expires_at", jobs.c.upload_expires_at, jobs.c.id,
-         postgresql_where=status_is(JobStatus.AWAITING_UPLOAD),
-         sqlite_where=status_is(JobStatus.AWAITING_UPLOAD))
-sa.Index("ix_jobflow_jobs_running_lease_expires_at", jobs.c.lease_expires_at, jobs.c.id,
-         postgresql_where=status_is(JobStatus.QUICK_RUNNING),
-         sqlite_where=status_is(JobStatus.QUICK_RUNNING))
-sa.Index("ix_jobflow_jobs_failed_finished_at", jobs.c.finished_at, jobs.c.id,
-         postgresql_where=status_is(JobStatus.FAILED),
-         sqlite_where=status_is(JobStatus.FAILED))
+
+def _partial_index(name: str, status: JobStatus, column: sa.Column[Any]) -> sa.Index:
+    """An index of the jobs in ``status`` only, by ``(column, id)``."""
+    return sa.Index(name, column, jobs.c.id,
+                    postgresql_where=status_is(status), sqlite_where=status_is(status))
+
+
+_partial_index("ix_jobflow_jobs_queued_run_at", JobStatus.QUEUED, jobs.c.run_at)
+_partial_index("ix_jobflow_jobs_awaiting_upload_expires_at", JobStatus.AWAITING_UPLOAD,
+               jobs.c.upload_expires_at)
+_partial_index("ix_jobflow_jobs_running_lease_expires_at", JobStatus.QUICK_RUNNING,
+               jobs.c.lease_expires_at)
+_partial_index("ix_jobflow_jobs_failed_finished_at", JobStatus.FAILED, jobs.c.finished_at)
 
 events = sa.Table(
     EVENTS_TABLE, metadata,
