@@ -60,14 +60,16 @@ class PollingWakeup:
 class PostgresNotifyWakeup:
     """LISTEN on a PostgreSQL channel from a dedicated connection and thread.
 
-    ``connect`` opens a new psycopg connection in autocommit mode. When the
+    ``connect`` opens a new psycopg connection in autocommit mode. The thread
+    looks at the socket in slices of ``wait_slice`` seconds (no query is sent),
+    so :meth:`close` returns within one slice. When the
     connection breaks, :attr:`listening` turns False (the worker then polls at
     its ordinary interval), the worker is woken once, and the connection is
     re-opened with a growing delay.
     """
 
     def __init__(self, connect: Callable[[], Any], channel: str, *,
-                 wait_slice: float = 1.0,
+                 wait_slice: float = 0.1,
                  logger: structlog.typing.FilteringBoundLogger | None = None) -> None:
         self._connect = connect
         self._channel = channel
