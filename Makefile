@@ -43,3 +43,4 @@ $(BENCH_STAMP): pyproject.toml
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench.claim_throughput $(BENCH_ARGS)
 	$(BENCH_VENV)/bin/python -m bench.wakeup_latency $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python -m bench.worker_throughput $(BENCH_ARGS)

@@ -30,13 +30,12 @@ from bench import jobflow_seed, raw_sql, tool_jobflow, tool_pgqueuer, tool_procr
 from bench.drain import DrainBody, run_drain
 from bench.pgserver import PostgresServer
 from bench.tables import machine_summary, markdown_table, median, percentile, rate, ratio
+from jobflow.models import Succeeded
 
 JOBFLOW = "jobflow"
-JOBFLOW_TWO = "jobflow, 2 loops"
 RAW = "raw SQL"
 RAW_APART = "raw SQL, two statements"
 PGQUEUER = "pgqueuer"
-PGQUEUER_TWO = "pgqueuer, 2 managers"
 PROCRASTINATE = "procrastinate"
 
 #: The partial index jobflow's claim must use.
@@ -86,16 +85,12 @@ def _jobflow_done(conninfo: str) -> int:
 CONTENDERS: tuple[Contender, ...] = (
     Contender(JOBFLOW, "bench_jobflow", tool_jobflow.drain, jobflow_seed.reset, _seed_jobflow,
               _jobflow_done),
-    Contender(JOBFLOW_TWO, "bench_jobflow", tool_jobflow.drain, jobflow_seed.reset,
-              _seed_jobflow, _jobflow_done, settings={"loops": 2}),
     Contender(RAW, "bench_jobflow", raw_sql.drain, jobflow_seed.reset, _seed_jobflow,
               _jobflow_done, settings={"finish": "with the next claim"}),
     Contender(RAW_APART, "bench_jobflow", raw_sql.drain, jobflow_seed.reset, _seed_jobflow,
               _jobflow_done, settings={"finish": "separately"}),
     Contender(PGQUEUER, "bench_pgqueuer", tool_pgqueuer.drain, tool_pgqueuer.reset,
               tool_pgqueuer.seed, tool_pgqueuer.finished),
-    Contender(PGQUEUER_TWO, "bench_pgqueuer", tool_pgqueuer.drain, tool_pgqueuer.reset,
-              tool_pgqueuer.seed, tool_pgqueuer.finished, settings={"managers": 2}),
     Contender(PROCRASTINATE, "bench_procrastinate", tool_procrastinate.drain,
               tool_procrastinate.reset, tool_procrastinate.seed, tool_procrastinate.finished,
               batches=frozenset({1})),
@@ -181,11 +176,10 @@ def _rates(measured: Measured) -> dict[tuple[str, int, int], float]:
 #: The throughput targets, checked cell by cell in the printed summary: jobflow's
 #: contender, the peer's, and the least ratio between them, at the same number
 #: of worker processes and batch size (procrastinate's batch is always 1). Both
-#: sides of a pair hold as many connections per worker process.
+#: sides of a pair hold one connection per worker process.
 TARGETS: tuple[tuple[str, str, float], ...] = (
     (JOBFLOW, PROCRASTINATE, 5.0),
     (JOBFLOW, PGQUEUER, 1.0),
-    (JOBFLOW_TWO, PGQUEUER_TWO, 1.0),
     (JOBFLOW, RAW, 0.5),
 )
 
@@ -252,10 +246,9 @@ class CallCosts:
     batch: int
     jobflow_claim: float  # JobFlow.claim
     raw_claim: float  # the raw claim statement
-    jobflow_finish: float  # JobFlow.succeed_many of the claimed batch
+    jobflow_finish: float  # JobFlow.finish_many of the claimed batch
     raw_finish: float  # the raw statement finishing the batch
-    jobflow_together: float  # JobFlow.succeed_and_claim: finish the batch, claim the next
-    raw_together: float  # the raw statement doing the same
+    raw_together: float  # the raw statement finishing the batch and claiming the next
 
 
 def _timed(into: list[float], function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -269,57 +262,53 @@ def _timed(into: list[float], function: Callable[..., Any], *args: Any, **kwargs
 def call_costs(server: PostgresServer, plan: Plan) -> list[CallCosts]:
     """Where one worker's time goes: jobflow's calls beside the raw statements.
 
-    Each batch size drains the queue twice per side: claim then finish as two
-    calls, then finish-and-claim as one (full batches only)."""
+    Each batch size drains the queue with claim then finish as two calls on
+    both sides, then with the raw finish-and-claim statement (full batches only)."""
     conninfo = server.conninfo("bench_jobflow")
     tool_jobflow.quiet_logging()
     flow = tool_jobflow.make_flow(server.sqlalchemy_url("bench_jobflow"))
 
     def jobflow_finish(claims: list[Any]) -> Any:
-        return flow.succeed_many([(claim, None) for claim in claims])
+        return flow.finish_many([Succeeded(claim, None) for claim in claims])
 
-    def jobflow_together(claims: list[Any]) -> Any:
-        return flow.succeed_and_claim([(claim, None) for claim in claims], "cost",
-                                      limit=len(claims))[1]
+    def fresh_queue(batch: int) -> None:
+        jobflow_seed.reset(conninfo)
+        _seed_jobflow(conninfo, max(plan.cost_jobs, 10 * batch))
 
     costs = []
     with psycopg.connect(conninfo, autocommit=True) as connection:
-        sides: dict[str, tuple[Callable[[int], list[Any]], Callable[[list[Any]], Any],
-                               Callable[[list[Any]], list[Any]]]] = {
-            "jobflow": (lambda batch: flow.claim("cost", limit=batch), jobflow_finish,
-                        jobflow_together),
+        sides: dict[str, tuple[Callable[[int], list[Any]], Callable[[list[Any]], Any]]] = {
+            "jobflow": (lambda batch: flow.claim("cost", limit=batch), jobflow_finish),
             "raw": (lambda batch: raw_sql.claim(connection, batch, "cost"),
-                    lambda held: raw_sql.finish(connection, held, "cost"),
-                    lambda held: raw_sql.claim(connection, len(held), "cost", finishing=held)),
+                    lambda held: raw_sql.finish(connection, held, "cost")),
         }
         for batch in plan.batches:
             medians: dict[str, float] = {}
-            for side, (claim, finish, together) in sides.items():
-                timings: dict[str, list[float]] = {"claim": [], "finish": [], "together": []}
-                jobflow_seed.reset(conninfo)
-                _seed_jobflow(conninfo, max(plan.cost_jobs, 10 * batch))
+            for side, (claim, finish) in sides.items():
+                timings: dict[str, list[float]] = {"claim": [], "finish": []}
+                fresh_queue(batch)
                 while held := _timed(timings["claim"], claim, batch):
                     _timed(timings["finish"], finish, held)
                 timings["claim"].pop()  # the last claim found nothing
-                jobflow_seed.reset(conninfo)
-                _seed_jobflow(conninfo, max(plan.cost_jobs, 10 * batch))
-                held = claim(batch)
-                while len(held) == batch:
-                    held = _timed(timings["together"], together, held)
                 medians.update({f"{side}_{name}": median(values)
                                 for name, values in timings.items()})
-            costs.append(CallCosts(batch=batch, **medians))
+            together: list[float] = []
+            fresh_queue(batch)
+            held = raw_sql.claim(connection, batch, "cost")
+            while len(held) == batch:
+                held = _timed(together, raw_sql.claim, connection, batch, "cost",
+                              finishing=held)
+            costs.append(CallCosts(batch=batch, raw_together=median(together), **medians))
     flow.store.engine.dispose()  # type: ignore[attr-defined]
     return costs
 
 
 def call_costs_table(costs: list[CallCosts]) -> str:
     rows = [[str(c.batch), *(f"{value:.2f}" for value in (
-        c.jobflow_claim, c.raw_claim, c.jobflow_finish, c.raw_finish, c.jobflow_together,
-        c.raw_together))] for c in costs]
-    return markdown_table(["batch", "jobflow claim", "raw claim", "jobflow succeed_many",
-                           "raw finish", "jobflow succeed_and_claim", "raw finish and claim"],
-                          rows)
+        c.jobflow_claim, c.raw_claim, c.jobflow_finish, c.raw_finish, c.raw_together))]
+            for c in costs]
+    return markdown_table(["batch", "jobflow claim", "raw claim", "jobflow finish_many",
+                           "raw finish", "raw finish and claim"], rows)
 
 
 # -- claim latency with many finished jobs ----------------------------------------------------

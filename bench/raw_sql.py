@@ -16,10 +16,10 @@ once for every call, too).
 Two variants:
 
 * ``finish="with the next claim"``: one statement finishes the batch held and
-  claims the next one, as ``JobFlow.succeed_and_claim`` does: one statement
-  and one commit per batch;
+  claims the next one: one statement and one commit per batch (jobflow's
+  public API has no such call; kept as a reference for what it would give);
 * ``finish="separately"``: a claiming statement, then a finishing statement,
-  as ``JobFlow.claim`` and ``JobFlow.succeed_many`` do.
+  as ``JobFlow.claim`` and ``JobFlow.finish_many`` send them.
 """
 
 from __future__ import annotations

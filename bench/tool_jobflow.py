@@ -1,13 +1,12 @@
 """jobflow's side of the benchmarks, through its public API only.
 
-``JobFlow.claim_loop(worker_id, limit=batch)`` (each batch finished with the
-claim of a later one in one statement, the next batch claimed ahead, the
-statements pipelined on one connection) on a
-:class:`~jobflow.adapters.sqlalchemy.SqlAlchemyJobStore`, in one claim loop
-per worker process or in several (threads sharing one JobFlow, each loop on
-its own pooled connection), and a
-:class:`~jobflow.worker.Worker` for the wake-up figures. Log lines below
-WARNING are dropped, as the peers' are (their loggers are not configured).
+The store's best loop through the public API, on a
+:class:`~jobflow.adapters.sqlalchemy.SqlAlchemyJobStore`: ``JobFlow.claim``
+of a batch, then ``JobFlow.finish_many`` of the whole batch (two statements,
+two commits per batch), until a claim finds nothing. A
+:class:`~jobflow.worker.Worker` for the worker-throughput and wake-up figures.
+Log lines below WARNING are dropped, as the peers' are (their loggers are not
+configured).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from jobflow import JobFlow
 from jobflow.adapters.localfs import LocalObjectStore
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
-from jobflow.models import Job
+from jobflow.models import Job, Succeeded
 from jobflow.ports import ObjectStore
 from jobflow.wakeup import PollingWakeup
 from jobflow.worker import JobContext, Worker
@@ -43,6 +41,8 @@ def quiet_logging() -> None:
 
 def make_flow(sqlalchemy_url: str, objects: ObjectStore | None = None, *,
               pool_size: int = 2) -> JobFlow:
+    """A flow on its own engine; ``pool_size`` connections kept (SQLAlchemy's default
+    is 5, as the ``jobflow`` command's engine has)."""
     engine = sa.create_engine(sqlalchemy_url, pool_size=pool_size)
     return JobFlow(store=SqlAlchemyJobStore(engine), objects=objects or InMemoryObjectStore())
 
@@ -65,30 +65,33 @@ def claim_statements(flow: JobFlow) -> list[tuple[str, Any]]:
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
-    """One worker process: ``settings["loops"]`` threads (default 1) sharing one
-    JobFlow, each running a claim loop of ``batch`` jobs until none is left."""
+    """One worker process: claim ``batch`` jobs, finish them all with one
+    ``finish_many``, until a claim finds nothing."""
     quiet_logging()
-    loops: int = settings.get("loops", 1)
-    flow = make_flow(settings["sqlalchemy_url"], pool_size=max(loops, 2))
-    flow.counts()
-    # Open a connection per loop before the clock starts; the pool keeps them.
-    for connection in [flow.store.engine.connect() for _ in range(loops)]:  # type: ignore[attr-defined]
-        connection.close()
+    flow = make_flow(settings["sqlalchemy_url"])
+    flow.counts()  # connect before the clock starts; the pool keeps the connection
     batch: int = settings["batch"]
     worker_id = f"bench-{settings['worker_index']}"
-
-    def claim_until_empty() -> None:
-        with flow.claim_loop(worker_id, limit=batch) as loop:
-            for claims in loop:
-                loop.succeed([(claim, None) for claim in claims])
-
     wait_for_start()
-    if loops == 1:
-        claim_until_empty()
-        return
-    with ThreadPoolExecutor(loops) as pool:
-        for running in [pool.submit(claim_until_empty) for _ in range(loops)]:
-            running.result()
+    while claims := flow.claim(worker_id, limit=batch):
+        flow.finish_many([Succeeded(claim, None) for claim in claims])
+
+
+def run_worker_drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
+    """One worker process: a :class:`~jobflow.worker.Worker` with ``settings["handler"]``
+    and ``settings["concurrency"]``, run until the queue is empty (``until_idle``).
+
+    The flow's engine has SQLAlchemy's default pool, as the ``jobflow worker``
+    command's has. The worker is built, and one connection opened, before the
+    clock starts; everything :meth:`~jobflow.worker.Worker.run` does is timed.
+    """
+    quiet_logging()
+    flow = make_flow(settings["sqlalchemy_url"], pool_size=5)
+    flow.counts()
+    worker = Worker(flow, settings["handler"], concurrency=settings["concurrency"])
+    wait_for_start()
+    worker.run(until_idle=True)
+    flow.store.engine.dispose()  # type: ignore[attr-defined]
 
 
 # -- wake-up latency ---------------------------------------------------------------------

@@ -1,11 +1,18 @@
 """pgqueuer's side of the benchmarks (its latest release, benchmark-only).
 
-Each worker process runs one ``QueueManager`` (or, for the two-connection
-figures, two in one event loop) over an asyncpg connection each (pgqueuer's
-own recommended driver) with ``batch_size`` jobs per dequeue, in ``drain``
-mode, so it stops once the queue is empty. pgqueuer batches its
-finishing writes itself (a status-log buffer flushed every ``batch_size``
-jobs). Tables are installed with pgqueuer's default, durable (logged) tables.
+Each worker process runs one ``QueueManager`` over one asyncpg connection
+(pgqueuer's own recommended driver) with ``batch_size`` jobs per dequeue, in
+``drain`` mode, so it stops once the queue is empty and its tasks are done.
+pgqueuer batches its finishing writes itself (a status-log buffer flushed
+every ``batch_size`` jobs or 0.1 s). Tables are installed with pgqueuer's
+default, durable (logged) tables.
+
+``batch_size`` alone does not bound the jobs in flight: the manager dequeues
+the next batch while the tasks of the last one still run (and asyncio runs
+them while it waits for that dequeue), so a slow entrypoint accumulates
+tasks. ``in_flight`` sets the entrypoint's ``concurrency_limit``, which
+pgqueuer enforces in its dequeue statement across all managers: at most that
+many of its jobs picked (running, or finished and not yet flushed) at once.
 """
 
 from __future__ import annotations
@@ -63,29 +70,29 @@ def finished(conninfo: str) -> int:
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
-    """One worker process: ``settings["managers"]`` QueueManagers (default 1), each
-    on its own connection, in drain mode, in one event loop."""
+    """One worker process: a QueueManager in drain mode, ``batch`` jobs per dequeue.
 
-    def noop_manager(connection: asyncpg.Connection) -> QueueManager:
-        manager = QueueManager(Queries(AsyncpgDriver(connection)))
-
-        @manager.entrypoint(NOOP_ENTRYPOINT)
-        async def noop(job: Job) -> None:
-            return None
-
-        return manager
+    ``settings["sleep"]``: seconds each job awaits (default 0: a no-op);
+    ``settings["in_flight"]``: the entrypoint's ``concurrency_limit``, counted
+    across every manager (default 0: unlimited); ``settings["dequeue_timeout"]``:
+    seconds the manager waits for a notification when it found nothing (default 1).
+    """
+    sleep: float = settings.get("sleep", 0.0)
 
     async def work() -> None:
-        connections = [await asyncpg.connect(settings["dsn"])
-                       for _ in range(settings.get("managers", 1))]
-        managers = [noop_manager(connection) for connection in connections]
+        connection = await asyncpg.connect(settings["dsn"])
+        manager = QueueManager(Queries(AsyncpgDriver(connection)))
+
+        @manager.entrypoint(NOOP_ENTRYPOINT, concurrency_limit=settings.get("in_flight", 0))
+        async def noop(job: Job) -> None:
+            if sleep:
+                await asyncio.sleep(sleep)
+
         wait_for_start()
-        await asyncio.gather(*(manager.run(batch_size=settings["batch"],
-                                           mode=QueueExecutionMode.drain,
-                                           dequeue_timeout=timedelta(seconds=1))
-                               for manager in managers))
-        for connection in connections:
-            await connection.close()
+        await manager.run(batch_size=settings["batch"], mode=QueueExecutionMode.drain,
+                          dequeue_timeout=timedelta(
+                              seconds=settings.get("dequeue_timeout", 1.0)))
+        await connection.close()
 
     asyncio.run(work())
 

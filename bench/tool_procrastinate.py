@@ -1,9 +1,11 @@
 """procrastinate's side of the benchmarks (its latest release, benchmark-only).
 
-procrastinate fetches one job per statement (no claim batching), so it runs
-at batch size 1 only. Each worker process is one procrastinate worker with
-``concurrency=1``; jobs are seeded in bulk with the same row its ``defer``
-inserts, so its insert trigger (events, NOTIFY) runs as usual.
+procrastinate fetches one job per statement (no claim batching), so in the
+claim benchmark it runs at batch size 1 only, one procrastinate worker with
+``concurrency=1`` per worker process; the worker benchmark runs it at the
+concurrency under test (that many jobs fetched and running at once, on the
+connector's default pool). Jobs are seeded in bulk with the same row its
+``defer`` inserts, so its insert trigger (events, NOTIFY) runs as usual.
 """
 
 from __future__ import annotations
@@ -59,20 +61,27 @@ def finished(conninfo: str) -> int:
 
 
 def drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
-    """One worker process: a procrastinate worker that stops when the queue is empty."""
+    """One worker process: a procrastinate worker that stops when the queue is empty.
+
+    ``settings["concurrency"]``: the worker's concurrency (default 1);
+    ``settings["sleep"]``: seconds each task awaits (default 0: a no-op).
+    """
+    sleep: float = settings.get("sleep", 0.0)
 
     async def work() -> None:
         app = make_app(settings["conninfo"])
 
         @app.task(name=NOOP_TASK, queue=QUEUE)
         async def noop() -> None:
-            return None
+            if sleep:
+                await asyncio.sleep(sleep)
 
         async with app.open_async():
             await app.check_connection_async()
             wait_for_start()
-            await app.run_worker_async(queues=[QUEUE], concurrency=1, wait=False,
-                                       listen_notify=False, install_signal_handlers=False)
+            await app.run_worker_async(queues=[QUEUE], concurrency=settings.get("concurrency", 1),
+                                       wait=False, listen_notify=False,
+                                       install_signal_handlers=False)
 
     asyncio.run(work())
 
