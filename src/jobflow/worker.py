@@ -619,6 +619,24 @@ class Worker:
         for attempt in attempts:
             attempt.next_beat = sooner
 
+    def _release_waiting(self) -> int:
+        """Hand back at once the jobs claimed ahead that no handler thread took."""
+        released = 0
+        while True:
+            try:
+                attempt = self._ready.get_nowait()
+            except queue.Empty:
+                return released
+            if attempt is None:
+                continue
+            with self._attempts_lock:
+                self._attempts.pop(attempt.claim.token, None)
+            if attempt.settle():
+                attempt.abandoned = "released at shutdown"
+                self._outcomes.add(attempt, Released(attempt.claim, "not started"),
+                                   outcome="released")
+                released += 1
+
     def _time_out(self, attempt: _Attempt) -> None:
         if not attempt.settle():
             return
@@ -681,6 +699,7 @@ class Worker:
     def _shut_down(self, grace_ends: float) -> int:
         """Let handlers finish until ``grace_ends``, release the rest. Returns how
         many jobs are handed back."""
+        released = self._release_waiting()
         with self._attempts_lock:
             running = list(self._attempts.values())
         if running and self._shutdown_requested.is_set():
@@ -690,7 +709,6 @@ class Worker:
             self._wake.clear()
         with self._attempts_lock:
             left = list(self._attempts.values())
-        released = 0
         for attempt in left:
             if not attempt.settle():
                 continue
@@ -750,6 +768,9 @@ class _OutcomeBuffer:
         while (batch := self._next_batch()) is not None:
             try:
                 self._write(batch)
+            except Exception as exc:  # a bug must not stop every later write
+                self._worker._log.error("worker.write_failed", jobs=len(batch),
+                                        error=error_message(exc), exc_info=exc)
             finally:
                 with self._changed:
                     self._writing = 0

@@ -198,3 +198,33 @@ def test_due_leases_are_renewed_together_in_one_write(make_flow: FlowFactory) ->
     beats = sum(events(flow, j).count(Event.HEARTBEAT) for j in job_ids)
     assert store.calls["commit"] == 0, "no lease was renewed on its own"
     assert store.calls["commit_many"] < beats, "renewals were not batched"
+
+
+def test_short_jobs_are_claimed_a_batch_ahead_and_handed_back_at_stop(
+        make_flow: FlowFactory) -> None:
+    """Once handlers prove short, the worker holds a second batch, leased and
+    waiting for a thread; stopping hands those back at once, attempts intact."""
+    flow = make_flow()
+    quick = [queue_job(flow, params={"block": False}) for _ in range(4)]
+    blocking = [queue_job(flow, params={"block": True}) for _ in range(4)]
+    let_go = threading.Event()
+
+    def handle(job: Job, ctx: JobContext) -> None:
+        if job.params["block"]:
+            let_go.wait(PATIENCE)
+
+    worker = Worker(flow, handle, concurrency=2, shutdown_grace=0.2, **CALM)
+    with running(worker):
+        wait_for(lambda: all(flow.get(j).status is JobStatus.DONE for j in quick),
+                 "the quick jobs")
+        wait_for(lambda: flow.counts()[JobStatus.QUICK_RUNNING] == 4,
+                 "two blocking jobs running and two claimed ahead")
+        assert worker.claims_ahead and worker.busy == 4
+        worker.stop()
+        wait_for(lambda: flow.counts()[JobStatus.QUEUED] == 4, "every blocking job handed back")
+        let_go.set()
+
+    for job_id in blocking:
+        job = flow.get(job_id)
+        assert job.status is JobStatus.QUEUED and job.attempts == 0
+        assert events(flow, job_id)[-2:] == [Event.CLAIM, Event.RELEASE]
