@@ -94,6 +94,17 @@ def run_worker_drain(settings: dict[str, Any], wait_for_start: Callable[[], None
     flow.store.engine.dispose()  # type: ignore[attr-defined]
 
 
+def _noop(job: Job, ctx: JobContext) -> None:
+    return None
+
+
+def worker_drain(settings: dict[str, Any], wait_for_start: Callable[[], None]) -> None:
+    """One worker process: a :class:`~jobflow.worker.Worker` with no-op jobs at
+    ``concurrency`` = the claim benchmark's ``batch`` (see :func:`run_worker_drain`)."""
+    run_worker_drain({**settings, "concurrency": settings["batch"], "handler": _noop},
+                     wait_for_start)
+
+
 # -- wake-up latency ---------------------------------------------------------------------
 
 

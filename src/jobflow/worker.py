@@ -341,6 +341,11 @@ class Worker:
         mean = self._mean_run
         return mean is not None and mean < CLAIM_AHEAD_BELOW
 
+    def _capacity(self) -> int:
+        """How many jobs the worker holds at most: a batch per thread, and a second
+        one while it claims ahead."""
+        return self.concurrency * (2 if self.claims_ahead else 1)
+
     def stop(self) -> None:
         """Stop claiming; :meth:`run` lets running handlers finish within
         ``shutdown_grace``, releases the rest, writes every outcome and returns.
@@ -400,7 +405,7 @@ class Worker:
         partly_free_since: float | None = None
         while not self._stopping.is_set():
             self._wake.clear()
-            free = self.concurrency * (2 if self.claims_ahead else 1) - self.busy
+            free = self._capacity() - self.busy
             if 0 < free < self.concurrency:
                 # Handlers are still running: let a few more slots free up, so that
                 # one claim fills them together.
@@ -468,8 +473,14 @@ class Worker:
             finally:
                 with self._attempts_lock:
                     self._attempts.pop(attempt.claim.token, None)
-                self._outcomes.slot_freed()
-                self._wake.set()
+                    held = len(self._attempts)
+                if not held:
+                    self._outcomes.slot_freed()
+                # Wake the claim loop for the first free slot (it then waits a little
+                # for more by itself), a batch's worth, or an idle worker: not per job.
+                free = self._capacity() - held
+                if not held or free == 1 or free >= self.concurrency:
+                    self._wake.set()
 
     def _run_attempt(self, attempt: _Attempt) -> bool:
         """Run the handler on the attempt's job; False if it was given back instead."""
@@ -740,10 +751,13 @@ class _OutcomeBuffer:
     def add(self, attempt: _Attempt, outcome: Outcome, /, **log_fields: Any) -> None:
         with self._changed:
             self._pending.append(_Pending(attempt, outcome, log_fields, time.monotonic()))
-            self._changed.notify_all()
+            # The writer needs waking for the first outcome (it then times the
+            # batch itself) and for a full batch, not for each outcome.
+            if len(self._pending) in (1, self._worker.concurrency):
+                self._changed.notify_all()
 
     def slot_freed(self) -> None:
-        """A handler returned: the batch may be complete."""
+        """The last handler returned: the batch is complete."""
         with self._changed:
             self._changed.notify_all()
 
