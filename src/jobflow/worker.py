@@ -416,6 +416,7 @@ class Worker:
                     continue
             partly_free_since = None
             claims: list[Claim] = []
+            writes_seen = self._outcomes.batches_written
             if free > 0:
                 looked_at = time.monotonic()
                 claims = self._claim(free)
@@ -424,9 +425,10 @@ class Worker:
                         self._retry_due = None  # this claim already saw it due
                 self._start(claims)
             if until_idle and not claims and self.busy == 0:
-                if self._outcomes.written_all():
+                self._outcomes.write_all()
+                if self._outcomes.batches_written == writes_seen:
                     return
-                continue  # a retry just written may be due at once: look again
+                continue  # a retry or release written since the claim may be due: look again
             if claims and len(claims) == free:
                 continue  # the batch was full: there may be more; loop waits for a slot
             idle_for = (self.listen_poll_interval if self._wakeup.listening
@@ -734,7 +736,7 @@ class _OutcomeBuffer:
 
     A batch is written when it holds an outcome for every slot, when its
     oldest outcome is ``flush_interval`` old, when no handler is running, or
-    when asked (:meth:`written_all`, :meth:`close`). While the store is
+    when asked (:meth:`write_all`, :meth:`close`). While the store is
     unavailable a batch is tried again, with backoff, as long as its leases
     may still hold; an outcome whose lease ran out is given up (its job is
     rescued and runs again: at least once).
@@ -747,6 +749,8 @@ class _OutcomeBuffer:
         self._writing = 0  # outcomes taken from the buffer and not yet written
         self._urgent = False  # write what is buffered now
         self._closed_by: float | None = None  # time.monotonic() after which to give up
+        #: How many batches were written so far.
+        self.batches_written = 0
 
     def add(self, attempt: _Attempt, outcome: Outcome, /, **log_fields: Any) -> None:
         with self._changed:
@@ -761,15 +765,13 @@ class _OutcomeBuffer:
         with self._changed:
             self._changed.notify_all()
 
-    def written_all(self) -> bool:
-        """Write what is buffered now and wait for it; whether there was nothing to write."""
+    def write_all(self) -> None:
+        """Write what is buffered now, and wait until it is written."""
         with self._changed:
-            if not self._pending and not self._writing:
-                return True
-            self._urgent = True
-            self._changed.notify_all()
-            self._changed.wait_for(lambda: not self._pending and not self._writing)
-            return False
+            if self._pending or self._writing:
+                self._urgent = True
+                self._changed.notify_all()
+                self._changed.wait_for(lambda: not self._pending and not self._writing)
 
     def close(self, give_up_at: float) -> None:
         """Write everything buffered, trying until ``give_up_at`` (time.monotonic())
@@ -788,6 +790,7 @@ class _OutcomeBuffer:
             finally:
                 with self._changed:
                     self._writing = 0
+                    self.batches_written += 1
                     self._changed.notify_all()
 
     def _next_batch(self) -> list[_Pending] | None:
