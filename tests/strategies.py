@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import attrs
 from hypothesis import strategies as st
 
 from jobflow import UploadPolicy
@@ -28,6 +29,8 @@ POLICY = UploadPolicy(
     backoff_max_seconds=600,
     adopt_after_seconds=60,
 )
+#: A second process's policy over the same store: it allows larger uploads.
+LOOSE_POLICY = attrs.evolve(POLICY, max_bytes=128)
 
 def job_ids() -> Callable[[], str]:
     """Deterministic job ids, so a run replays exactly (claims order by id)."""
@@ -47,8 +50,9 @@ params = st.dictionaries(st.sampled_from(["width", "codec", "note"]),
                          st.one_of(st.integers(), st.text(max_size=8), st.none()), max_size=3)
 
 #: What a client may put at a job's key. "valid" is the bytes the job declared
-#: (when it declared a checksum); "other" is acceptable except for that checksum.
-UPLOAD_KINDS = ("valid", "other", "empty", "too_large", "wrong_type")
+#: (when it declared a checksum); "other" is acceptable except for that checksum;
+#: "large" only under LOOSE_POLICY; "too_large" under neither policy.
+UPLOAD_KINDS = ("valid", "other", "empty", "large", "too_large", "wrong_type")
 upload_kinds = st.sampled_from(UPLOAD_KINDS)
 
 
@@ -67,11 +71,15 @@ def upload_for(kind: str, job_id: str, content_type: str) -> tuple[bytes, str]:
         "valid": (payload(job_id), content_type),
         "other": (b"another:" + job_id.encode()[:16], content_type),
         "empty": (b"", content_type),
-        "too_large": (b"x" * (POLICY.max_bytes + 1), content_type),
+        "large": (b"x" * (POLICY.max_bytes + 1), content_type),
+        "too_large": (b"x" * (LOOSE_POLICY.max_bytes + 1), content_type),
         "wrong_type": (payload(job_id), "text/plain"),
     }[kind]
 
 
-def acceptable(kind: str | None, declared_sha256: bool) -> bool:
-    """Whether an upload of this kind satisfies POLICY (independent of jobflow's code)."""
-    return kind == "valid" or (kind == "other" and not declared_sha256)
+def acceptable(kind: str | None, declared_sha256: bool, loose: bool = False) -> bool:
+    """Whether an upload of this kind is acceptable (independent of jobflow's
+    code): under POLICY, or under LOOSE_POLICY when ``loose`` (the job was
+    created under it and is verified by a process that has it)."""
+    return kind == "valid" or (kind in ("other", "large") and not declared_sha256
+                               and (kind == "other" or loose))

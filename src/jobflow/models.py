@@ -151,6 +151,10 @@ class Job:
     error_code: str | None = None
     error_message: str | None = None
     result: JSONDict | None = None
+    # The upload's size range under the policy the job was created with; every
+    # later verification binds to it (None: a job stored before jobs kept it).
+    min_bytes: int | None = None
+    max_bytes: int | None = None
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with ``changes``: :func:`attrs.evolve` without its generic

@@ -140,16 +140,27 @@ class Evidence:
     detail: JSONDict = attrs.field(factory=dict)
 
 
+def size_range(job: Job, policy: UploadPolicy) -> tuple[int, int]:
+    """The sizes an upload of ``job`` may have when ``policy``'s process verifies
+    it: the job's own range (the policy it was created under), narrowed by the
+    verifying policy. A stricter process refuses more, never accepts more."""
+    low = max(policy.min_bytes, job.min_bytes if job.min_bytes is not None else 0)
+    high = min(policy.max_bytes,
+               job.max_bytes if job.max_bytes is not None else policy.max_bytes)
+    return low, high
+
+
 def rejection_reason(job: Job, obj: ObjectInfo, policy: UploadPolicy) -> str | None:
     """Why ``obj`` is not an acceptable upload for ``job``, or None if it is."""
     if obj.key != job.key:
         return f"object key {obj.key!r} is not the job's key {job.key!r}"
-    if obj.size == 0 and policy.min_bytes > 0:
+    min_bytes, max_bytes = size_range(job, policy)
+    if obj.size == 0 and min_bytes > 0:
         return "object is empty"
-    if obj.size < policy.min_bytes:
-        return f"object is {obj.size} bytes, below the minimum of {policy.min_bytes}"
-    if obj.size > policy.max_bytes:
-        return f"object is {obj.size} bytes, above the limit of {policy.max_bytes}"
+    if obj.size < min_bytes:
+        return f"object is {obj.size} bytes, below the minimum of {min_bytes}"
+    if obj.size > max_bytes:
+        return f"object is {obj.size} bytes, above the limit of {max_bytes}"
     media_type = obj.content_type.split(";")[0].strip().lower()
     if media_type not in policy.allowed_content_types:
         return f"content type {obj.content_type!r} is not allowed"
@@ -392,6 +403,7 @@ def new_job(*, job_id: str, owner_id: str, params: JSONDict, bucket: str, key: s
         content_type=content_type, created_at=now, updated_at=now,
         upload_expires_at=now + timedelta(seconds=policy.upload_ttl_seconds),
         max_attempts=policy.max_attempts, run_at=now, expected_sha256=expected_sha256,
+        min_bytes=policy.min_bytes, max_bytes=policy.max_bytes,
     )
     return Change(event=Event.CREATED, before=None, after=job,
                   detail={"content_type": content_type, "key": key})

@@ -57,8 +57,14 @@ class JobFlowMachine(RuleBasedStateMachine):
         self.now = S.START
         self.store = type(self).make_store()
         self.objects = InMemoryObjectStore()
+        ids = S.job_ids()
         self.flow = JobFlow(store=self.store, objects=self.objects, clock=lambda: self.now,
-                            policy=S.POLICY, logger=QUIET_LOGGER, new_job_id=S.job_ids())
+                            policy=S.POLICY, logger=QUIET_LOGGER, new_job_id=ids)
+        # A second process over the same store whose policy allows larger uploads.
+        self.loose_flow = JobFlow(store=self.store, objects=self.objects,
+                                  clock=lambda: self.now, policy=S.LOOSE_POLICY,
+                                  logger=QUIET_LOGGER, new_job_id=ids)
+        self.created_loose: dict[str, bool] = {}
         self.job_ids: list[str] = []
         self.declared: dict[str, bool] = {}
         self.owner: dict[str, str] = {}
@@ -67,19 +73,27 @@ class JobFlowMachine(RuleBasedStateMachine):
 
     # -- helpers -------------------------------------------------------------------
 
-    def acceptable(self, job_id: str) -> bool:
-        return S.acceptable(self.upload[job_id], self.declared[job_id])
+    def acceptable(self, job_id: str, via_loose: bool = False) -> bool:
+        """Whether the job's upload is acceptable to the verifying flow: a job
+        created under the strict policy stays bound to it, whoever verifies."""
+        return S.acceptable(self.upload[job_id], self.declared[job_id],
+                            loose=via_loose and self.created_loose[job_id])
+
+    def _flow(self, loose: bool) -> JobFlow:
+        return self.loose_flow if loose else self.flow
 
     def unchanged(self, before: Job) -> None:
         assert self.flow.get(before.id) == before, "a refused call changed the job"
 
     # -- the client's side ---------------------------------------------------------
 
-    @rule(target=jobs, owner=S.owners, params=S.params, declare=st.booleans())
-    def initiate(self, owner: str, params: dict[str, Any], declare: bool) -> str:
+    @rule(target=jobs, owner=S.owners, params=S.params, declare=st.booleans(),
+          loose=st.booleans())
+    def initiate(self, owner: str, params: dict[str, Any], declare: bool,
+                 loose: bool = False) -> str:
         # A checksum is declared before the job id exists, so a declaring job
         # declares its owner's fixed payload, which its "valid" upload sends.
-        ticket = self.flow.initiate_upload(
+        ticket = self._flow(loose).initiate_upload(
             owner, params, content_type="video/mp4",
             sha256=S.payload_sha256(owner) if declare else None)
         job = self.flow.get(ticket.job_id)
@@ -90,6 +104,9 @@ class JobFlowMachine(RuleBasedStateMachine):
         self.declared[job.id] = declare
         self.owner[job.id] = owner
         self.upload[job.id] = None
+        self.created_loose[job.id] = loose
+        policy = S.LOOSE_POLICY if loose else S.POLICY
+        assert (job.min_bytes, job.max_bytes) == (policy.min_bytes, policy.max_bytes)
         return job.id
 
     @rule(target=jobs, owner=S.owners)
@@ -123,17 +140,18 @@ class JobFlowMachine(RuleBasedStateMachine):
         self.objects.delete(job.key)
         self.upload[job_id] = None
 
-    @rule(job_id=jobs, right_owner=st.booleans())
-    def complete(self, job_id: str, right_owner: bool) -> None:
+    @rule(job_id=jobs, right_owner=st.booleans(), via_loose=st.booleans())
+    def complete(self, job_id: str, right_owner: bool, via_loose: bool = False) -> None:
+        flow = self._flow(via_loose)
         before = self.flow.get(job_id)
         owner = self.owner[job_id] if right_owner else "mallory"
         if not right_owner:
             with pytest.raises(JobNotFound):
-                self.flow.complete_upload(job_id, owner_id=owner)
+                flow.complete_upload(job_id, owner_id=owner)
             return self.unchanged(before)
         verify_events = self._count(job_id, Event.VERIFY_UPLOAD)
         try:
-            job = self.flow.complete_upload(job_id, owner_id=owner)
+            job = flow.complete_upload(job_id, owner_id=owner)
         except UploadMissing:
             assert before.status is JobStatus.AWAITING_UPLOAD and self.upload[job_id] is None
             assert self.now < before.upload_expires_at
@@ -142,7 +160,8 @@ class JobFlowMachine(RuleBasedStateMachine):
             after = self.flow.get(job_id)
             assert after.status is JobStatus.FAILED and after.upload_verified_at is None
             if before.status is JobStatus.AWAITING_UPLOAD:
-                assert self.upload[job_id] is not None and not self.acceptable(job_id)
+                assert self.upload[job_id] is not None
+                assert not self.acceptable(job_id, via_loose)
             return None
         except UploadExpired:
             after = self.flow.get(job_id)
@@ -154,7 +173,8 @@ class JobFlowMachine(RuleBasedStateMachine):
             assert before.status is JobStatus.FAILED and before.upload_verified_at is None
             return self.unchanged(before)
         if before.status is JobStatus.AWAITING_UPLOAD:
-            assert self.acceptable(job_id), f"queued an unacceptable upload {self.upload[job_id]}"
+            assert self.acceptable(job_id, via_loose), (
+                f"queued an unacceptable upload {self.upload[job_id]}")
             assert job.status is JobStatus.QUEUED
             assert self._count(job_id, Event.VERIFY_UPLOAD) == verify_events + 1
         else:
@@ -333,15 +353,16 @@ class JobFlowMachine(RuleBasedStateMachine):
 
     # -- housekeeping and admin --------------------------------------------------------
 
-    @rule()
-    def reconcile(self) -> None:
+    @rule(via_loose=st.booleans())
+    def reconcile(self, via_loose: bool) -> None:
         before = {j.id: j for j in self._jobs()}
-        report = self.flow.reconcile()
+        report = self._flow(via_loose).reconcile()
         for job_id in report.adopted:
-            assert before[job_id].status is JobStatus.AWAITING_UPLOAD and self.acceptable(job_id)
+            assert before[job_id].status is JobStatus.AWAITING_UPLOAD
+            assert self.acceptable(job_id, via_loose)
             assert self.flow.get(job_id).status is JobStatus.QUEUED
         for job_id in report.rejected:
-            assert not self.acceptable(job_id) and self.upload[job_id] is not None
+            assert not self.acceptable(job_id, via_loose) and self.upload[job_id] is not None
         for job_id in report.expired:
             assert self.upload[job_id] is None
             assert self.now >= before[job_id].upload_expires_at
@@ -365,22 +386,23 @@ class JobFlowMachine(RuleBasedStateMachine):
                 self.flow.cancel(job_id)
             self.unchanged(before)
 
-    @rule(job_id=jobs)
-    def requeue(self, job_id: str) -> None:
+    @rule(job_id=jobs, via_loose=st.booleans())
+    def requeue(self, job_id: str, via_loose: bool) -> None:
+        flow = self._flow(via_loose)
         before = self.flow.get(job_id)
         if before.status is not JobStatus.FAILED:
             with pytest.raises(InvalidTransition):
-                self.flow.requeue(job_id)
+                flow.requeue(job_id)
             return self.unchanged(before)
         if self.upload[job_id] is None:
             with pytest.raises(UploadMissing):
-                self.flow.requeue(job_id)
+                flow.requeue(job_id)
             return self.unchanged(before)
-        if not self.acceptable(job_id):
+        if not self.acceptable(job_id, via_loose):
             with pytest.raises(UploadRejected):
-                self.flow.requeue(job_id)
+                flow.requeue(job_id)
             return self.unchanged(before)
-        job = self.flow.requeue(job_id)
+        job = flow.requeue(job_id)
         assert job.status is JobStatus.QUEUED and job.attempts == 0
         assert job.upload_verified_at == self.now
         return None
@@ -427,6 +449,13 @@ class JobFlowMachine(RuleBasedStateMachine):
                 assert row.to_status is not JobStatus.DONE
                 if row.to_status is JobStatus.FAILED:
                     assert following.event is Event.REQUEUE
+            # 8. A job's own policy binds it: no verification accepted more.
+            if job.upload_verified_at is not None:
+                assert job.object_size is not None and job.max_bytes is not None
+                policy = S.LOOSE_POLICY if self.created_loose[job.id] else S.POLICY
+                assert job.max_bytes == policy.max_bytes
+                assert policy.min_bytes <= job.object_size <= policy.max_bytes, (
+                    f"job {job.id} was verified against a looser policy than its own")
             # 5. Bounded attempts.
             assert 0 <= job.attempts <= job.max_attempts
             assert history[-1].attempt == job.attempts

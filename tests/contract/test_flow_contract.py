@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta
 
+import attrs
 import pytest
 import structlog
 
@@ -25,7 +26,7 @@ from jobflow.errors import (
     UploadRejected,
 )
 from jobflow.ports import JobStore, ObjectStore
-from tests.conftest import ManualClock
+from tests.conftest import QUIET_LOGGER, ManualClock
 from tests.strategies import POLICY, START
 
 
@@ -257,6 +258,45 @@ def test_reconcile_never_queues_without_the_store_showing_the_object(
     report = flow.reconcile()
     assert report.unavailable == (ticket.job_id,) and report.adopted == ()
     assert flow.get(ticket.job_id).status is JobStatus.AWAITING_UPLOAD
+
+
+def test_a_job_keeps_the_size_limit_it_was_created_under(
+        store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    """A job created under a 64-byte policy stays rejected for a 100-byte object
+    whichever process verifies it (complete, reconcile's adoption, requeue),
+    even one whose own policy allows 128 bytes; a stricter process refuses an
+    object the job's own policy allows."""
+    strict = JobFlow(store=store, objects=objects, clock=clock, logger=QUIET_LOGGER,
+                     policy=attrs.evolve(POLICY, adopt_after_seconds=0))
+    loose = JobFlow(store=store, objects=objects, clock=clock, logger=QUIET_LOGGER,
+                    policy=attrs.evolve(POLICY, max_bytes=128, adopt_after_seconds=0))
+    big = b"x" * 100
+
+    def waiting(flow: JobFlow) -> str:
+        ticket = flow.initiate_upload("alice", content_type="video/mp4")
+        objects.put(ticket.key, big, content_type="video/mp4")
+        return ticket.job_id
+
+    completed, adopted, requeued = waiting(strict), waiting(strict), waiting(strict)
+    assert store.get(completed).max_bytes == 64
+    with pytest.raises(UploadRejected, match="above the limit of 64"):
+        loose.complete_upload(completed)
+    strict.cancel(requeued)
+    with pytest.raises(UploadRejected, match="above the limit of 64"):
+        loose.requeue(requeued)
+    assert store.get(requeued).error_code == "cancelled", "a refused requeue wrote nothing"
+    clock.advance(1)
+    report = loose.reconcile()
+    assert adopted in report.rejected and adopted not in report.adopted
+    assert all(store.get(job_id).upload_verified_at is None
+               for job_id in (completed, adopted, requeued))
+
+    roomy = waiting(loose)
+    assert store.get(roomy).max_bytes == 128
+    with pytest.raises(UploadRejected, match="above the limit of 64"):
+        strict.complete_upload(roomy)
+    second = waiting(loose)
+    assert loose.complete_upload(second).status is JobStatus.QUEUED
 
 
 def test_bad_claim_and_clock_arguments(flow: JobFlow, store: JobStore,

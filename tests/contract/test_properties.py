@@ -10,7 +10,8 @@ import pytest
 from hypothesis import Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from jobflow import Claim, JobStatus
+from jobflow import Claim, JobStatus, UploadPolicy
+from jobflow import states as core
 from jobflow.adapters.memory import InMemoryJobStore
 from jobflow.models import Change, Event, Job
 from tests.conftest import StoreFactory
@@ -58,6 +59,24 @@ def test_the_proof_catches_a_broken_store(broken_store: StoreFactory, violation:
     with pytest.raises(AssertionError, match=violation):
         run_state_machine_as_test(
             machine_for(broken_store),
+            settings=settings(max_examples=400, stateful_step_count=50, database=None,
+                              phases=[Phase.generate], deadline=None),
+        )
+
+
+def test_the_proof_catches_a_flow_that_verifies_against_its_own_policy_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken on purpose: verification forgets the size range the job was
+    created under, so a looser process queues what the job's policy refuses."""
+
+    def process_policy_only(job: Job, policy: UploadPolicy) -> tuple[int, int]:
+        return policy.min_bytes, policy.max_bytes
+
+    monkeypatch.setattr(core, "size_range", process_policy_only)
+    with pytest.raises((AssertionError, pytest.fail.Exception),
+                       match=r"unacceptable upload|looser policy|DID NOT RAISE"):
+        run_state_machine_as_test(
+            machine_for(InMemoryJobStore),
             settings=settings(max_examples=400, stateful_step_count=50, database=None,
                               phases=[Phase.generate], deadline=None),
         )

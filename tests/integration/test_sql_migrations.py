@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import jobflow.migrations
 from jobflow import Event, JobFlow, JobStatus
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
-from jobflow.adapters.sqlalchemy.schema import metadata
+from jobflow.adapters.sqlalchemy.schema import jobs, metadata
 from tests.integration.conftest import flow_on
 
 JOBFLOW_TABLES = {"jobflow_jobs", "jobflow_job_events", "jobflow_alembic_version"}
@@ -61,7 +62,7 @@ def unverified_job(engine: sa.Engine) -> str:
 def test_upgrade_downgrade_upgrade(engine: sa.Engine) -> None:
     assert jobflow.migrations.current(engine) is None
     jobflow.migrations.upgrade(engine)
-    assert jobflow.migrations.current(engine) == jobflow.migrations.head() == "0001"
+    assert jobflow.migrations.current(engine) == jobflow.migrations.head() == "0002"
     assert table_names(engine) >= JOBFLOW_TABLES
     unverified_job(engine)  # the schema takes a job
 
@@ -74,13 +75,13 @@ def test_upgrade_downgrade_upgrade(engine: sa.Engine) -> None:
                 "SELECT count(*) FROM pg_type WHERE typname = 'jobflow_job_status'")).scalar() == 0
 
     jobflow.migrations.upgrade(engine)
-    assert jobflow.migrations.current(engine) == "0001"
+    assert jobflow.migrations.current(engine) == "0002"
     assert schema_drift(engine) == []
 
 
 def test_upgrade_takes_a_url_too(empty_database: sa.URL) -> None:
     jobflow.migrations.upgrade(empty_database.render_as_string(hide_password=False))
-    assert jobflow.migrations.current(empty_database) == "0001"
+    assert jobflow.migrations.current(empty_database) == "0002"
 
 
 def test_the_migrations_build_exactly_the_models(engine: sa.Engine) -> None:
@@ -162,8 +163,8 @@ NEW_LABEL_MIGRATION = '''
 
     from alembic import op
 
-    revision = "0002_example"
-    down_revision = "0001"
+    revision = "0003_example"
+    down_revision = "0002"
     branch_labels = None
     depends_on = None
 
@@ -208,7 +209,7 @@ def test_a_status_label_migration_runs_on_both_databases(engine: sa.Engine,
                                                          tmp_path: Path) -> None:
     folder = tmp_path / "more_versions"
     folder.mkdir()
-    (folder / "0002_example.py").write_text(textwrap.dedent(NEW_LABEL_MIGRATION))
+    (folder / "0003_example.py").write_text(textwrap.dedent(NEW_LABEL_MIGRATION))
     jobflow.migrations.upgrade(engine)
     job_id = unverified_job(engine)
     set_label = sa.text("UPDATE jobflow_jobs SET status = 'slow_running', "
@@ -226,10 +227,36 @@ def test_a_status_label_migration_runs_on_both_databases(engine: sa.Engine,
         # ...and the rebuilt table still refuses an unverified queued job.
         conn.execute(sa.text("UPDATE jobflow_jobs SET status = 'queued'"))
 
-    migrate_with_example(engine, folder, "downgrade", "0001")
-    assert jobflow.migrations.current(engine) == "0001"
+    migrate_with_example(engine, folder, "downgrade", "0002")
+    assert jobflow.migrations.current(engine) == "0002"
     if engine.dialect.name == "sqlite":
         with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
             conn.execute(set_label)
     flow: JobFlow = flow_on(SqlAlchemyJobStore(engine), InMemoryObjectStore())
     assert flow.get(job_id).status is JobStatus.AWAITING_UPLOAD
+
+
+OLD_JOB = "00000000-0000-4000-8000-000000000001"
+
+
+def test_jobs_from_before_the_size_range_keep_working_after_0002(engine: sa.Engine) -> None:
+    """A job created under revision 0001 has no stored size range: after the
+    upgrade it is verified against the verifying process's policy, and a new
+    job stores its own range."""
+    jobflow.migrations.upgrade(engine, "0001")
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    with engine.begin() as conn:  # only the columns revision 0001 has
+        conn.execute(sa.insert(jobs).values(
+            id=OLD_JOB, owner_id="alice", status=JobStatus.AWAITING_UPLOAD, params={},
+            bucket="videos", object_key="uploads/old", content_type="video/mp4",
+            created_at=now, updated_at=now, upload_expires_at=now + timedelta(days=36500),
+            run_at=now, max_attempts=3, attempts=0, history_length=1))
+    jobflow.migrations.upgrade(engine)
+    objects = InMemoryObjectStore()
+    flow = flow_on(SqlAlchemyJobStore(engine), objects)
+    old = flow.get(OLD_JOB)
+    assert (old.min_bytes, old.max_bytes) == (None, None)
+    objects.put(old.key, b"\x00" * 10, content_type="video/mp4")
+    assert flow.complete_upload(old.id).status is JobStatus.QUEUED
+    new = flow.get(flow.initiate_upload("alice", content_type="video/mp4").job_id)
+    assert (new.min_bytes, new.max_bytes) == (flow.policy.min_bytes, flow.policy.max_bytes)

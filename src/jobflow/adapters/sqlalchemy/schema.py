@@ -117,6 +117,10 @@ jobs = sa.Table(
     sa.Column("error_code", sa.Text),
     sa.Column("error_message", sa.Text),
     sa.Column("result", sa.JSON(none_as_null=True)),
+    # The size range of the policy the job was created under (revision 0002;
+    # NULL for jobs created before it: the verifying process's policy decides).
+    sa.Column("min_bytes", sa.BigInteger),
+    sa.Column("max_bytes", sa.BigInteger),
     # Rows in this job's history; the next event's seq is history_length + 1.
     # Kept on the job row so that the write holding the row lock numbers it.
     sa.Column("history_length", sa.Integer, nullable=False),
