@@ -19,16 +19,30 @@ S3 says                                                    jobflow says
 
 ``StorageUnavailable`` is raised only after boto3's own retries (standard
 mode) gave up.
+
+Presigned uploads are always signed with Signature Version 4 (SigV2 URLs,
+``AWSAccessKeyId=...&Signature=...``, are refused by every region opened
+since 2014). A client built by :func:`make_s3_client` asks for SigV4; a
+plain ``boto3.client("s3")`` does not: botocore presigns SigV2 for the
+regions that still accept it, although ``client.meta.config.signature_version``
+then reads ``"s3v4"``. So every presigned upload is checked, and when one is
+not SigV4 the store logs ``s3.client_signature`` once and makes that
+client's presigned requests SigV4 (a ``choose-signer.s3`` event handler; the
+client's other requests are not affected).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar, cast
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
+import botocore
+import structlog
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -75,6 +89,15 @@ MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 MAX_S3_KEY_BYTES = 1024
 
 _T = TypeVar("_T")
+
+_log = structlog.get_logger("jobflow.s3")
+
+#: The ``unique_id`` of the event handler that makes a client presign with SigV4.
+_SIGV4_PRESIGN_HANDLER = "jobflow-s3v4-presign"
+#: The signers botocore may choose for a presigned URL / POST that mean
+#: "SigV2 or SigV4 for S3"; asymmetric (v4a), S3 Express and unsigned ones are left alone.
+_PRESIGN_SUFFIXES = ("-query", "-presign-post")
+_S3_SIGNERS = ("s3", "s3v4", "v4")
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchVersion"})
 _CHANGED_CODES = frozenset({"412", "PreconditionFailed"})
@@ -130,7 +153,11 @@ class S3ObjectStore:
 
     Pass a boto3 S3 ``client``, or let the store build one from ``region``,
     ``endpoint_url``, ``addressing_style``, the timeouts and retries, and a
-    boto3 ``session`` for credentials (see :func:`make_s3_client`).
+    boto3 ``session`` for credentials (see :func:`make_s3_client`, which is
+    also the way to build a client to pass). A given client whose retry mode
+    is not standard (or adaptive), or that has no timeout, is logged
+    (``s3.client_config``); one that presigns other than SigV4 is logged
+    once (``s3.client_signature``) and then presigns SigV4 (see above).
     ``prefix`` is prepended to every jobflow key, so several applications
     can share a bucket; no key can leave it.
     ``upload_method`` chooses the presigned upload handed to clients:
@@ -164,6 +191,10 @@ class S3ObjectStore:
             connect_timeout=connect_timeout, read_timeout=read_timeout,
             max_attempts=max_attempts, session=session)
         self._bucket_confirmed = False
+        self._signature_lock = threading.Lock()
+        self._signature_warned = False
+        if client is not None:
+            _check_client_config(client)
 
     @property
     def bucket(self) -> str:
@@ -210,9 +241,10 @@ class S3ObjectStore:
             params.update(ChecksumSHA256=checksum, ChecksumAlgorithm="SHA256")
             headers.update({"x-amz-checksum-sha256": checksum,
                             "x-amz-sdk-checksum-algorithm": "SHA256"})
-        url = self._request(
-            "presign an upload to", full, lambda: self._client.generate_presigned_url(
-                "put_object", Params=params, ExpiresIn=expires_in, HttpMethod="PUT"))
+        url = self._presign_sigv4(
+            full, lambda: self._client.generate_presigned_url(
+                "put_object", Params=params, ExpiresIn=expires_in, HttpMethod="PUT"),
+            lambda url: _url_signature(url))
         return PresignedUpload(method="PUT", url=url, headers=headers)
 
     def _presign_post(self, full: str, *, content_type: str, expires_in: int, min_bytes: int,
@@ -224,12 +256,43 @@ class S3ObjectStore:
         if checksum is not None:
             fields["x-amz-checksum-sha256"] = checksum
             conditions.append({"x-amz-checksum-sha256": checksum})
-        post = self._request(
-            "presign an upload to", full, lambda: self._client.generate_presigned_post(
+        post = self._presign_sigv4(
+            full, lambda: self._client.generate_presigned_post(
                 Bucket=self._bucket, Key=full, Fields=fields, Conditions=conditions,
-                ExpiresIn=expires_in))
+                ExpiresIn=expires_in),
+            lambda post: _fields_signature(post["fields"]))
         return PresignedUpload(method="POST", url=str(post["url"]), headers={},
                                fields={str(k): str(v) for k, v in post["fields"].items()})
+
+    def _presign_sigv4(self, full: str, presign: Callable[[], _T],
+                       signature: Callable[[_T], str]) -> _T:
+        """Presign, and make sure the result is SigV4 (see the module's docstring)."""
+        presigned = self._request("presign an upload to", full, presign)
+        found = signature(presigned)
+        if found == "SigV4":
+            return presigned
+        with self._signature_lock:
+            if not self._signature_warned:
+                self._signature_warned = True
+                _log.warning(
+                    "s3.client_signature", found=found,
+                    configured=_signature_setting(self._client),
+                    region=self._client.meta.region_name,
+                    endpoint=self._client.meta.endpoint_url,
+                    fix="build the client with jobflow.adapters.s3.make_s3_client, or pass "
+                        "botocore.config.Config(signature_version='s3v4')")
+            # (botocore's stubs type handlers as returning None; this one answers)
+            self._client.meta.events.register_first(
+                "choose-signer.s3", cast("Callable[..., None]", _presign_with_sigv4),
+                unique_id=_SIGV4_PRESIGN_HANDLER)
+        presigned = self._request("presign an upload to", full, presign)
+        found = signature(presigned)
+        if found != "SigV4":
+            raise ConfigurationError(
+                "the S3 client cannot presign uploads with Signature Version 4 (it presigned "
+                f"{found}, its signature_version is {_signature_setting(self._client)}): "
+                "build it with jobflow.adapters.s3.make_s3_client")
+        return presigned
 
     # -- reads -----------------------------------------------------------------------
 
@@ -381,6 +444,60 @@ class S3ObjectStore:
         except BotoCoreError as exc:
             raise self._translated(exc, "check", "") from exc
         self._bucket_confirmed = True
+
+
+def _presign_with_sigv4(signature_version: object, **_: Any) -> str | None:
+    """A ``choose-signer.s3`` handler: presigned URLs and POSTs are SigV4.
+
+    Registered first, it answers before botocore's own handler that would
+    pick SigV2; requests that are not presigned, and asymmetric (v4a), S3
+    Express or unsigned presigning, are left to botocore.
+    """
+    if not isinstance(signature_version, str):
+        return None
+    for suffix in _PRESIGN_SUFFIXES:
+        if signature_version in {signer + suffix for signer in _S3_SIGNERS}:
+            return "s3v4" + suffix
+    return None
+
+
+def _url_signature(url: str) -> str:
+    """How a presigned URL is signed: ``SigV4``, ``SigV2`` or ``unsigned``."""
+    query = parse_qs(urlsplit(url).query)
+    if query.get("X-Amz-Algorithm") == ["AWS4-HMAC-SHA256"]:
+        return "SigV4"
+    return "SigV2" if "Signature" in query else "unsigned"
+
+
+def _fields_signature(fields: Mapping[str, Any]) -> str:
+    """How a presigned POST's form fields are signed, like :func:`_url_signature`."""
+    if fields.get("x-amz-algorithm") == "AWS4-HMAC-SHA256":
+        return "SigV4"
+    return "SigV2" if "signature" in fields else "unsigned"
+
+
+def _check_client_config(client: S3Client) -> None:
+    """Log ``s3.client_config`` when a given client would retry or wait unlike
+    :func:`make_s3_client`'s (standard retries, finite timeouts)."""
+    retries = _config_value(client, "retries") or {}
+    problems = []
+    if retries.get("mode") not in ("standard", "adaptive"):
+        problems.append(f"retry mode {retries.get('mode') or 'legacy'!r}, not 'standard'")
+    if None in (_config_value(client, "connect_timeout"), _config_value(client, "read_timeout")):
+        problems.append("no connect or read timeout")
+    if problems:
+        _log.warning("s3.client_config", problems=problems,
+                     fix="build the client with jobflow.adapters.s3.make_s3_client")
+
+
+def _config_value(client: S3Client, name: str) -> Any:
+    """One of the client's resolved ``botocore.config.Config`` options (untyped in the stubs)."""
+    return getattr(client.meta.config, name, None)
+
+
+def _signature_setting(client: S3Client) -> str:
+    value = _config_value(client, "signature_version")
+    return "UNSIGNED" if value is botocore.UNSIGNED else str(value)
 
 
 class _NoSuchObject(Exception):
