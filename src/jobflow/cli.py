@@ -32,11 +32,13 @@ from jobflow.config import (
     StoreSettings,
     make_engine,
     migrate,
+    missing_sqlite_file,
     open_flow,
     schema_revision,
 )
 from jobflow.errors import (
     ConfigurationError,
+    ContentTypeNotAllowed,
     InvalidInput,
     InvalidTransition,
     JobflowError,
@@ -201,10 +203,12 @@ class FlowOptions:
     store: StoreSettings
     policy: UploadPolicy
 
-    def open(self, *, create: bool = True) -> JobFlow:
+    def open(self, *, create: bool = True, read_only: bool = False) -> JobFlow:
         """The JobFlow; with ``create=False`` (commands about jobs that must
-        exist already) a missing SQLite file is an error, not a new database."""
-        return open_flow(self.store, self.policy, create=create)
+        exist already) a missing SQLite file is an error, not a new database;
+        with ``read_only`` (commands that only look) nothing is created or
+        migrated, the objects folder included."""
+        return open_flow(self.store, self.policy, create=create, read_only=read_only)
 
 
 def _store_settings(values: dict[str, Any]) -> StoreSettings:
@@ -459,8 +463,13 @@ def current(settings: StoreSettings) -> int:
     """Print the revision the database is at, and whether it is the newest."""
     from jobflow import migrations
 
-    found = schema_revision(_engine(settings))
+    engine = _engine(settings)
     newest = migrations.head()
+    missing = missing_sqlite_file(engine)
+    if missing is not None:  # connecting would create it
+        _print(f"none (no jobflow database at {missing}; jobflow db upgrade creates it)")
+        return ExitCode.OK
+    found = schema_revision(engine)
     note = "(newest)" if found == newest else f"(newest is {newest}: run jobflow db upgrade)"
     _print(f"{found or 'none'} {note}")
     return ExitCode.OK
@@ -484,7 +493,7 @@ def current(settings: StoreSettings) -> int:
 def status(options: FlowOptions, stuck_after: float, failed_window: float,
            max_stuck: int | None, max_failed: int | None, as_json: bool) -> int:
     """Jobs per status, stuck uploads and recent failures; can drive an alert."""
-    report = StatusReport.collect(options.open(create=False),
+    report = StatusReport.collect(options.open(read_only=True),
                                   stuck_after=timedelta(minutes=stuck_after),
                                   failure_window=timedelta(minutes=failed_window))
     alerts = report.alerts(max_stuck=max_stuck, max_failed=max_failed)
@@ -521,7 +530,7 @@ def reconcile(options: FlowOptions, as_json: bool) -> int:
 @flow_options
 def show(options: FlowOptions, job_id: str, as_json: bool) -> int:
     """Print a job and its full history."""
-    flow = options.open(create=False)
+    flow = options.open(read_only=True)
     job = flow.get(job_id)
     history = flow.history(job.id)
     if as_json:
@@ -599,6 +608,7 @@ def upload(options: FlowOptions, file: Path, content_type: str | None, owner: st
     from jobflow.upload_client import UploadRefused, send_file
 
     declared = content_type or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    _check_upload(file, declared, options.policy)  # a refused upload leaves no trace
     sha256 = None
     if checksum:
         digest = hashlib.sha256()
@@ -617,6 +627,17 @@ def upload(options: FlowOptions, file: Path, content_type: str | None, owner: st
         raise
     _print_job(flow.complete_upload(ticket.job_id), as_json)
     return ExitCode.OK
+
+
+def _check_upload(file: Path, content_type: str, policy: UploadPolicy) -> None:
+    """Refuse, before anything is created, a file the policy would refuse."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type not in policy.allowed_content_types:
+        raise ContentTypeNotAllowed(content_type, policy.allowed_content_types)
+    size = file.stat().st_size
+    if not policy.min_bytes <= size <= policy.max_bytes:
+        raise InvalidInput(f"{file} is {size} bytes; the upload policy allows "
+                           f"{policy.min_bytes} to {policy.max_bytes}")
 
 
 @cli.command()

@@ -138,26 +138,48 @@ def ensure_schema(engine: Engine) -> None:
         "run `jobflow db upgrade`")
 
 
-def open_job_store(settings: StoreSettings, *, create: bool = True) -> SqlAlchemyJobStore:
+def missing_sqlite_file(engine: Engine) -> Path | None:
+    """The SQLite file of ``engine`` when there is none yet (an empty file, which
+    connecting alone leaves behind, counts as none); None otherwise."""
+    from jobflow.adapters.sqlalchemy import sqlite_file
+
+    path = sqlite_file(engine)
+    if path is None or (path.exists() and path.stat().st_size > 0):
+        return None
+    return path
+
+
+def open_job_store(settings: StoreSettings, *, create: bool = True,
+                   read_only: bool = False) -> SqlAlchemyJobStore:
     """The job store the settings describe, its schema checked (SQLite: created).
 
     With ``create=False`` a SQLite file that does not exist yet is a
-    :class:`ConfigurationError` instead of a new, empty database.
+    :class:`ConfigurationError` instead of a new, empty database. With
+    ``read_only`` (commands that only look) nothing is created or migrated
+    either: a schema that is not the newest is a :class:`ConfigurationError`.
     """
-    from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore, sqlite_file
+    from jobflow import migrations
+    from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 
     engine = make_engine(settings.resolved_database_url())
-    missing = None if create else sqlite_file(engine)
-    if missing is not None and not missing.exists():
+    missing = None if create and not read_only else missing_sqlite_file(engine)
+    if missing is not None:
         raise ConfigurationError(
             f"no jobflow database at {missing}: nothing has created jobs here yet "
             "(a worker, `jobflow upload` or `jobflow db upgrade` creates it; "
             "--database-url points elsewhere)")
-    ensure_schema(engine)
+    if not read_only:
+        ensure_schema(engine)
+    elif (found := schema_revision(engine)) != migrations.head():
+        raise ConfigurationError(
+            f"the database schema is at revision {found or 'none'}, this jobflow needs "
+            f"{migrations.head()}: run `jobflow db upgrade`")
     return SqlAlchemyJobStore(engine)
 
 
-def open_object_store(settings: StoreSettings) -> ObjectStore:
+def open_object_store(settings: StoreSettings, *, create: bool = True) -> ObjectStore:
+    """The object store the settings describe; with ``create=False`` a local
+    folder that does not exist is not created."""
     if settings.uses_s3:
         from jobflow.adapters.s3 import S3ObjectStore
 
@@ -170,12 +192,15 @@ def open_object_store(settings: StoreSettings) -> ObjectStore:
                              upload_method="POST" if method == "POST" else "PUT")
     from jobflow.adapters.localfs import LocalObjectStore
 
-    return LocalObjectStore(settings.resolved_objects_dir())
+    return LocalObjectStore(settings.resolved_objects_dir(), create=create)
 
 
 def open_flow(settings: StoreSettings, policy: UploadPolicy,
-              clock: Callable[[], datetime] | None = None, *, create: bool = True) -> JobFlow:
+              clock: Callable[[], datetime] | None = None, *, create: bool = True,
+              read_only: bool = False) -> JobFlow:
     """The JobFlow the settings describe, its schema checked (or, on SQLite,
-    created unless ``create=False``: see :func:`open_job_store`)."""
-    return JobFlow(store=open_job_store(settings, create=create),
-                   objects=open_object_store(settings), policy=policy, clock=clock)
+    created unless ``create=False``; neither created nor migrated with
+    ``read_only``: see :func:`open_job_store`)."""
+    return JobFlow(store=open_job_store(settings, create=create, read_only=read_only),
+                   objects=open_object_store(settings, create=not read_only), policy=policy,
+                   clock=clock)

@@ -234,7 +234,8 @@ def test_demo_runs_in_an_empty_folder(sqlite_deployment: Deployment, tmp_path: P
 def test_commands_about_existing_jobs_create_no_database(sqlite_deployment: Deployment,
                                                          tmp_path: Path) -> None:
     """In a folder where nothing ran yet, status, show, reconcile, cancel and
-    requeue say there is no database (exit 2) and leave the folder empty."""
+    requeue say there is no database (exit 2), db current and diagram only
+    look, an upload the policy refuses is refused first: the folder stays empty."""
     empty = tmp_path / "nothing-here"
     empty.mkdir()
     env = {name: "" for name in sqlite_deployment.env if name.startswith("JOBFLOW_")}
@@ -245,7 +246,37 @@ def test_commands_about_existing_jobs_create_no_database(sqlite_deployment: Depl
         assert result.returncode == 2, (args, result.stderr)
         assert "no jobflow database at" in one_error_line(result.stderr)
         assert str(empty / "jobflow.sqlite3") in result.stderr
+    looked = sqlite_deployment.cli("db", "current", cwd=empty, env=env)
+    assert looked.returncode == 0 and "no jobflow database at" in looked.stdout
+    assert sqlite_deployment.cli("diagram", cwd=empty, env=env).returncode == 0
+    # An upload the policy refuses is refused before anything is created.
+    (tmp_path / "notes.txt").write_text("not a video")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 100)
+    for args in (["upload", str(tmp_path / "notes.txt")],
+                 ["upload", str(tmp_path / "clip.mp4"), "--max-bytes", "10"]):
+        refused = sqlite_deployment.cli(*args, cwd=empty, env=env)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert "not allowed" in refused.stderr or "the upload policy allows 1 to 10" in (
+            refused.stderr)
     assert list(empty.iterdir()) == []
+
+
+def test_looking_at_an_older_database_does_not_migrate_it(sqlite_deployment: Deployment,
+                                                          tmp_path: Path) -> None:
+    """status and show only look: a database at an older revision is reported
+    (exit 2, run `jobflow db upgrade`), not migrated behind the operator's back."""
+    folder = tmp_path / "older"
+    folder.mkdir()
+    env = {name: "" for name in sqlite_deployment.env if name.startswith("JOBFLOW_")}
+    assert sqlite_deployment.cli("db", "upgrade", "--revision", "0001", cwd=folder,
+                                 env=env).returncode == 0
+    for args in (["status"], ["show", "00000000-0000-4000-8000-000000000000"]):
+        result = sqlite_deployment.cli(*args, cwd=folder, env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "run `jobflow db upgrade`" in one_error_line(result.stderr)
+    current = sqlite_deployment.cli("db", "current", cwd=folder, env=env)
+    assert current.stdout.startswith("0001 "), current.stdout
+    assert sorted(path.name for path in folder.iterdir()) == ["jobflow.sqlite3"]
 
 
 # -- S3 over real HTTP (moto's server) -----------------------------------------------------

@@ -89,16 +89,22 @@ class UploadRequest(Protocol):
 class LocalObjectStore:
     """An :class:`~jobflow.ports.ObjectStore` in a folder on disk.
 
-    ``root`` is created if missing. ``bucket`` names the store in job records
+    ``root`` is created if missing (unless ``create=False``: a command that only
+    looks leaves no folder behind). ``bucket`` names the store in job records
     (default: the folder's name). Safe for threads and for several processes
     on one host; not for network filesystems without atomic rename.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, bucket: str | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, bucket: str | None = None,
+                 create: bool = True) -> None:
         if not _supports_dir_fd():
             raise ConfigurationError("LocalObjectStore needs a POSIX system (openat, O_NOFOLLOW)")
+        self._write_lock = threading.Lock()
         try:
             self._root = Path(root).resolve()
+            self._bucket = bucket or self._root.name or "local"
+            if not create and not self._root.exists():
+                return  # a command that only looks: leave no folder behind
             self._root.mkdir(parents=True, exist_ok=True)
         except PermissionError as exc:
             raise StoragePermissionDenied(
@@ -111,8 +117,6 @@ class LocalObjectStore:
                     os.close(self._open_dir(parts, create=True))
         except InvalidInput as exc:
             raise ConfigurationError(f"cannot use {root} as the object folder: {exc}") from exc
-        self._bucket = bucket or self._root.name or "local"
-        self._write_lock = threading.Lock()
 
     @property
     def bucket(self) -> str:
