@@ -270,8 +270,12 @@ def _print(text: str) -> None:
 @env_option("--log-format", envvar="JOBFLOW_LOG_FORMAT", type=click.Choice(LOG_FORMATS),
             default="auto", show_default=True,
             help="Log lines as JSON or for a terminal; auto: JSON unless stderr is a terminal.")
+@env_option("--log-locals", envvar="JOBFLOW_LOG_LOCALS", is_flag=True,
+            help="Include each frame's local variables in logged tracebacks (debugging only: "
+                 "a local can hold a secret; secret-looking names are still redacted).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, log_level: str | None, log_format: str) -> None:
+def cli(ctx: click.Context, debug: bool, log_level: str | None, log_format: str,
+        log_locals: bool) -> None:
     """Upload-first jobs: run workers and operate the queue.
 
     With no options jobflow uses embedded defaults in the working directory:
@@ -281,7 +285,7 @@ def cli(ctx: click.Context, debug: bool, log_level: str | None, log_format: str)
     ctx.ensure_object(Invocation).debug = debug
     quiet_by_default = ctx.invoked_subcommand == "demo"
     configure_logging(level=log_level or ("error" if quiet_by_default else "info"),
-                      log_format=cast(LogFormat, log_format))
+                      log_format=cast(LogFormat, log_format), log_locals=log_locals)
 
 
 # -- worker --------------------------------------------------------------------------------
@@ -629,15 +633,24 @@ def upload(options: FlowOptions, file: Path, content_type: str | None, owner: st
     return ExitCode.OK
 
 
+class FileRefused(UploadError):
+    """``jobflow upload``: the upload policy refuses the file, so no job is created."""
+
+    def __init__(self, file: Path, reason: str) -> None:
+        super().__init__("", f"{file}: {reason}; no job was created")
+
+
 def _check_upload(file: Path, content_type: str, policy: UploadPolicy) -> None:
     """Refuse, before anything is created, a file the policy would refuse."""
     media_type = content_type.split(";")[0].strip().lower()
     if media_type not in policy.allowed_content_types:
         raise ContentTypeNotAllowed(content_type, policy.allowed_content_types)
     size = file.stat().st_size
+    if size == 0 and policy.min_bytes > 0:
+        raise FileRefused(file, "the file is empty")
     if not policy.min_bytes <= size <= policy.max_bytes:
-        raise InvalidInput(f"{file} is {size} bytes; the upload policy allows "
-                           f"{policy.min_bytes} to {policy.max_bytes}")
+        raise FileRefused(file, f"the file is {size} bytes; the upload policy allows "
+                                f"{policy.min_bytes} to {policy.max_bytes}")
 
 
 @cli.command()

@@ -32,6 +32,7 @@ from jobflow.errors import (
     UploadRejected,
 )
 from jobflow.keys import new_job_id, parse_job_id, upload_key
+from jobflow.logconfig import library_logger
 from jobflow.models import (
     Change,
     Claim,
@@ -116,8 +117,7 @@ class JobFlow:
         self.policy = policy or UploadPolicy()
         self._clock: Callable[[], datetime] = clock or utc_now
         self._new_job_id = new_job_id
-        self._log: structlog.typing.FilteringBoundLogger = logger or structlog.get_logger(
-            "jobflow")
+        self._log: structlog.typing.FilteringBoundLogger = logger or library_logger("jobflow")
 
     # -- helpers -----------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
 
+from jobflow.logconfig import library_logger
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
@@ -74,7 +76,7 @@ class PostgresNotifyWakeup:
         self._connect = connect
         self._channel = channel
         self._wait_slice = wait_slice
-        self._log: structlog.typing.FilteringBoundLogger = logger or structlog.get_logger(
+        self._log: structlog.typing.FilteringBoundLogger = logger or library_logger(
             "jobflow.wakeup")
         self._closed = threading.Event()
         self._listening = threading.Event()

@@ -68,6 +68,7 @@ from jobflow.errors import (
     StorageUnavailable,
 )
 from jobflow.flow import JobFlow, json_object
+from jobflow.logconfig import library_logger
 from jobflow.models import (
     Claim,
     Failed,
@@ -280,7 +281,7 @@ class Worker:
         self._check_settings()
         self._wakeup = wakeup if wakeup is not None else wakeup_for(flow.store)
         self._log: structlog.typing.FilteringBoundLogger = (
-            logger or structlog.get_logger("jobflow.worker")).bind(worker_id=self.worker_id)
+            logger or library_logger("jobflow.worker")).bind(worker_id=self.worker_id)
         self._random = random.Random()
         self._stopping = threading.Event()
         self._shutdown_requested = threading.Event()
