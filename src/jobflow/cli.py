@@ -45,6 +45,7 @@ from jobflow.errors import (
     JobNotFound,
     LeaseLost,
     ObjectChanged,
+    PermanentStorageError,
     StorageUnavailable,
     UploadError,
 )
@@ -85,7 +86,7 @@ Exit codes:
   0  success
   1  internal error (a bug; rerun with --debug for the traceback)
   2  usage or configuration error (options, database URL, handler, schema,
-     storage permissions)
+     storage permissions, a database error that retrying cannot fix)
   3  job not found
   4  refused: the job's status does not allow this, or the lease was lost
   5  storage unavailable (database or object store); safe to retry
@@ -105,7 +106,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.STORAGE_UNAVAILABLE
     if isinstance(exc, UploadError | ObjectChanged):
         return ExitCode.UPLOAD_PROBLEM
-    if isinstance(exc, ConfigurationError | InvalidInput):
+    if isinstance(exc, ConfigurationError | InvalidInput | PermanentStorageError):
         return ExitCode.CONFIGURATION
     return ExitCode.INTERNAL_ERROR
 

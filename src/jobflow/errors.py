@@ -21,7 +21,14 @@ translate driver errors (SQLAlchemy, botocore, OS errors) into this tree with
     │   └── UploadExpired
     ├── ObjectChanged
     ├── StorageUnavailable
+    ├── PermanentStorageError
     └── PermanentJobError
+
+Whether a failure is worth retrying is part of its class:
+:class:`StorageUnavailable` means the outside world failed and the same call
+may succeed later; :class:`PermanentStorageError` and
+:class:`ConfigurationError` mean the same call fails again until a person
+fixes the code or the setup.
 """
 
 from __future__ import annotations
@@ -140,7 +147,21 @@ class ObjectChanged(JobflowError):
 class StorageUnavailable(JobflowError):
     """A store (database or object store) is unreachable, throttling or failing.
 
-    Transient: nothing was changed, and the call may be retried.
+    Transient: nothing was changed, and the call may be retried. Raised only
+    for failures of the outside world (a lost or refused connection, a
+    timeout, a deadlock or a lock still held after the store's own bounded
+    waits and retries), never for a setup or programming error.
+    """
+
+
+class PermanentStorageError(JobflowError):
+    """A store refused the call for a reason retrying cannot fix.
+
+    A programming or setup error, not an outage: SQL or a feature the
+    database rejects, a bound connection that is closed or whose transaction
+    must be rolled back first, a database error jobflow does not know as
+    transient. The message names the cause; the driver's error is its
+    ``__cause__``. Never a :class:`StorageUnavailable`.
     """
 
 

@@ -29,7 +29,10 @@ class JobStore(Protocol):
     Every write is atomic: the job row and its history row are written
     together or not at all. Writes are compare-and-set against the snapshot
     the core decided on, so two racing callers can never both win.
-    Driver failures raise :class:`~jobflow.errors.StorageUnavailable`.
+    Outages (a lost connection, timeouts, deadlocks, locks) raise
+    :class:`~jobflow.errors.StorageUnavailable`; setup errors
+    :class:`~jobflow.errors.ConfigurationError`; any other driver failure
+    :class:`~jobflow.errors.PermanentStorageError`, which retrying cannot fix.
     """
 
     def create(self, change: Change) -> Job:

@@ -1,7 +1,8 @@
 """Driver errors surface as jobflow errors: an unreachable or locked database is
 StorageUnavailable (and the next call may succeed), a database without
 jobflow's tables is a ConfigurationError, a row the database's constraints
-refuse is InvalidInput."""
+refuse is InvalidInput. test_sql_error_classes covers every class of driver
+error, PermanentStorageError (never retryable) included."""
 
 from __future__ import annotations
 

@@ -37,7 +37,9 @@ The package, by what each module holds:
   lost, refused or locked connection raises
   :class:`~jobflow.errors.StorageUnavailable`, a missing table
   :class:`~jobflow.errors.ConfigurationError`, a row the database's
-  constraints refuse :class:`~jobflow.errors.InvalidInput`.
+  constraints refuse :class:`~jobflow.errors.InvalidInput`, any other driver
+  or SQLAlchemy error :class:`~jobflow.errors.PermanentStorageError` (never
+  worth retrying).
 * :mod:`~jobflow.adapters.sqlalchemy.store`: :class:`SqlAlchemyJobStore`.
 """
 

@@ -49,7 +49,13 @@ def sqlite_file(engine: Engine) -> Path | None:
 class SQLiteSetup:
     """Per-connection SQLite settings, applied once to each pooled connection:
     ``PRAGMA busy_timeout``, ``PRAGMA foreign_keys = ON``, and for a file
-    ``PRAGMA journal_mode = WAL``."""
+    ``PRAGMA journal_mode = WAL``.
+
+    The busy timeout is set first, so that switching to WAL waits too. It
+    replaces the driver's own (pysqlite's ``timeout`` connect argument, 5 s
+    unless the engine says otherwise): ``BEGIN IMMEDIATE`` waits up to it for
+    another writer, and only a lock still held after it fails the call, as
+    :class:`~jobflow.errors.StorageUnavailable`."""
 
     _DONE = "jobflow_sqlite_ready"
 
