@@ -9,7 +9,7 @@ import hashlib
 import itertools
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import attrs
 from hypothesis import strategies as st
@@ -83,3 +83,21 @@ def acceptable(kind: str | None, declared_sha256: bool, loose: bool = False) -> 
     created under it and is verified by a process that has it)."""
     return kind == "valid" or (kind in ("other", "large") and not declared_sha256
                                and (kind == "other" or loose))
+
+
+#: Nonsense for any argument of the public API (tests/contract/test_garbage.py):
+#: wrong types, out-of-range numbers, hostile text, deep and huge JSON.
+GARBAGE = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["", " ", "\x00", "a\nb", "\r\n", "\x1b[2J", "\ud800", "\udfff x",
+                     "x" * 300, "0" * 64 + "\n", "VIDEO/MP4", "video/mp4; codecs=avc1",
+                     "00000000-0000-4000-8000-00000000000g", "../../etc/passwd"]),
+    st.binary(max_size=20),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3),
+    st.just({"nan": float("nan")}), st.just({1: object()}),
+    st.timedeltas(), st.just(timedelta(days=10**6)), st.just(timedelta(seconds=-1)),
+    st.just(object()), st.just(START),
+)

@@ -53,7 +53,20 @@ from jobflow.models import (
 from jobflow.ports import Clock, JobStore, ObjectStore
 
 MAX_ID_LENGTH = 255
-_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+#: The most a JSON object given to jobflow (params, result, heartbeat detail)
+#: may take, encoded as UTF-8 JSON, and how deeply it may nest.
+MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32
+#: Error messages (``fail``) are cut to this many characters.
+MAX_ERROR_LENGTH = 4000
+#: The most jobs one claim may take.
+MAX_CLAIM_LIMIT = 10_000
+#: The longest retry delay ``fail`` accepts.
+MAX_RETRY_DELAY = timedelta(days=365)
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# Control characters (C0, DEL, C1): an id holding one could forge log lines or
+# terminal output, and it is never a real owner or worker name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # A compare-and-set that loses re-reads the job and decides again; after this
 # many lost rounds in a row the caller gets the last refusal instead.
 _MAX_ROUNDS = 5
@@ -68,25 +81,90 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _depth(value: Any, limit: int) -> int:
+    """How deeply ``value`` nests (lists and dicts), counting no further than
+    ``limit + 1`` (so that a 1,000-deep value costs no recursion)."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        level = [child for item in level if isinstance(item, dict | list)
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        level = [item for item in level if isinstance(item, dict | list)]
+    return depth
+
+
 def json_object(value: Any, what: str) -> JSONDict:
-    """A JSON round-trip copy of ``value``, which must be a JSON object."""
+    """A JSON round-trip copy of ``value``, which must be a JSON object of at
+    most :data:`MAX_JSON_BYTES` (as UTF-8 JSON) nesting at most
+    :data:`MAX_JSON_DEPTH` levels."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object (a dict), got {type(value).__name__}")
+    if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise InvalidInput(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        copied: JSONDict = json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError (a lone surrogate) included
         raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from exc
+    if size > MAX_JSON_BYTES:
+        raise InvalidInput(f"{what} takes {size} bytes as JSON, more than {MAX_JSON_BYTES}")
+    copied: JSONDict = json.loads(text)
     return copied
 
 
 def check_id(value: Any, what: str) -> str:
-    """Owner and worker ids are data only; they must still be sane strings."""
+    """Owner and worker ids are data only; they must still be sane strings:
+    1..:data:`MAX_ID_LENGTH` characters of valid Unicode, no control characters."""
     if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
         raise InvalidInput(f"{what} must be a string of 1..{MAX_ID_LENGTH} characters")
-    if "\x00" in value:
-        raise InvalidInput(f"{what} must not contain NUL characters")
+    if _CONTROL.search(value):
+        raise InvalidInput(f"{what} must not contain control characters (NUL, newlines, "
+                           f"escapes)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} is not valid Unicode: {exc.reason}") from exc
+    return value
+
+
+def _error_text(error: Any) -> str:
+    """An error message as stored: text, NUL and lone surrogates made visible,
+    cut to :data:`MAX_ERROR_LENGTH` characters."""
+    text = str(error).replace("\x00", "\\0")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > MAX_ERROR_LENGTH:
+        text = text[: MAX_ERROR_LENGTH - 3] + "..."
+    return text
+
+
+def _check_claim(claim: Any) -> Claim:
+    """A claim as :meth:`JobFlow.claim` hands them out (its lease may be lost)."""
+    if not (isinstance(claim, Claim) and isinstance(claim.job, Job)
+            and isinstance(claim.token, str)):
+        raise InvalidInput(f"expected a Claim from JobFlow.claim, got {type(claim).__name__}")
+    return claim
+
+
+def _items(value: Any, what: str) -> list[Any]:
+    """The items of a batch argument (a list or tuple)."""
+    if not isinstance(value, list | tuple):
+        raise InvalidInput(f"{what} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _limit(value: Any, what: str, most: int) -> int:
+    """A count in ``1..most``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidInput(f"{what} must be an integer in 1..{most}, got {value!r}")
+    return value
+
+
+def _duration(value: Any, what: str) -> timedelta:
+    """A length of time of at most ten years, not negative."""
+    if not isinstance(value, timedelta) or not timedelta(0) <= value <= timedelta(days=3650):
+        raise InvalidInput(f"{what} must be a timedelta of 0..3650 days, got {value!r}")
     return value
 
 
@@ -176,7 +254,8 @@ class JobFlow:
         media_type = content_type.split(";")[0].strip().lower()
         if media_type not in self.policy.allowed_content_types:
             raise ContentTypeNotAllowed(content_type, self.policy.allowed_content_types)
-        if sha256 is not None and not (isinstance(sha256, str) and _SHA256_HEX.match(sha256)):
+        if sha256 is not None and not (isinstance(sha256, str)
+                                       and _SHA256_HEX.fullmatch(sha256)):
             raise InvalidInput("sha256 must be 64 hexadecimal characters")
         job_id = parse_job_id(self._new_job_id())
         key = upload_key(job_id)
@@ -264,14 +343,16 @@ class JobFlow:
     def stuck_uploads(self, *, older_than: timedelta, limit: int = 1000) -> list[Job]:
         """Jobs still in ``awaiting_upload`` created more than ``older_than`` ago,
         oldest first; looks at the ``limit`` waiting jobs whose deadline is nearest."""
-        cutoff = self.now() - older_than
-        waiting = [job for job in self.store.awaiting_uploads(limit=limit)
+        cutoff = self.now() - _duration(older_than, "older_than")
+        waiting = [job for job in self.store.awaiting_uploads(
+                   limit=_limit(limit, "limit", MAX_CLAIM_LIMIT))
                    if job.created_at <= cutoff]
         return sorted(waiting, key=lambda job: (job.created_at, job.id))
 
     def recent_failures(self, *, within: timedelta, limit: int = 1000) -> list[Job]:
         """Jobs that failed during the last ``within``, most recent first."""
-        return self.store.failed_since(since=self.now() - within, limit=limit)
+        return self.store.failed_since(since=self.now() - _duration(within, "within"),
+                                       limit=_limit(limit, "limit", MAX_CLAIM_LIMIT))
 
     # -- the worker's side ---------------------------------------------------------
 
@@ -287,8 +368,7 @@ class JobFlow:
                     lease_seconds: float | None) -> tuple[str, float]:
         """The checked worker id and lease length of a claim."""
         worker_id = check_id(worker_id, "worker_id")
-        if not isinstance(limit, int) or limit < 1:
-            raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
+        _limit(limit, "limit", MAX_CLAIM_LIMIT)
         lease = lease_seconds if lease_seconds is not None else self.policy.lease_seconds
         return worker_id, _check_lease(lease)
 
@@ -308,6 +388,7 @@ class JobFlow:
     def _leased(self, claim: Claim, decide: _Decide, evidence: dict[str, Any]) -> Job:
         """A lease holder's write. While its token is current only the holder
         changes the job, so the first round decides on the claim's own copy."""
+        _check_claim(claim)
         return self._transition(claim.job.id, self._as_holder(claim, decide, evidence),
                                 snapshot=claim.job)
 
@@ -317,7 +398,7 @@ class JobFlow:
         written in one store call (each its own compare-and-set); a write that
         loses is decided again on a fresh read, as :meth:`_leased` does. Item
         ``i`` is the written job, or the :class:`LeaseLost` of write ``i``."""
-        job_ids = [claim.job.id for claim, _, _ in writes]
+        job_ids = [_check_claim(claim).job.id for claim, _, _ in writes]
         if len(set(job_ids)) != len(job_ids):
             raise InvalidInput("a batch takes each job at most once")
         now = self.now()
@@ -363,6 +444,7 @@ class JobFlow:
                        ) -> list[Claim | LeaseLost]:
         """Extend the leases of several claims in one store call (one statement on
         PostgreSQL); item ``i`` is claim ``i`` renewed, or its :class:`LeaseLost`."""
+        claims = _items(claims, "claims")
         evidence = self._heartbeat_evidence(lease_seconds, None)
         written = self._leased_many([(claim, self._event(Event.HEARTBEAT), evidence)
                                      for claim in claims])
@@ -399,7 +481,7 @@ class JobFlow:
         (:class:`StorageUnavailable` when the store is down).
         """
         writes = []
-        for outcome in outcomes:
+        for outcome in _items(outcomes, "outcomes"):
             decide, evidence = self._finishing(outcome)
             writes.append((outcome.claim, decide, evidence))
         return self._leased_many(writes)
@@ -409,12 +491,19 @@ class JobFlow:
         if isinstance(outcome, Succeeded):
             return self._event(Event.SUCCEED), {"result": json_object(outcome.result, "result")}
         if isinstance(outcome, Failed):
+            retry_in = outcome.retry_in
+            if retry_in is not None and not (isinstance(retry_in, timedelta)
+                                             and timedelta(0) <= retry_in <= MAX_RETRY_DELAY):
+                raise InvalidInput(f"retry_in must be a timedelta of 0..{MAX_RETRY_DELAY.days} "
+                                   f"days, got {retry_in!r}")
             return states.finish_with_error, {
-                "error": str(outcome.error).replace("\x00", "\\0"),
-                "retryable": outcome.retryable, "retry_delay": outcome.retry_in,
-                "error_code": outcome.error_code}
+                "error": _error_text(outcome.error), "retryable": bool(outcome.retryable),
+                "retry_delay": retry_in,
+                "error_code": None if outcome.error_code is None
+                else check_id(outcome.error_code, "error_code")}
         if isinstance(outcome, Released):
-            return self._event(Event.RELEASE), {"error": outcome.reason}
+            return self._event(Event.RELEASE), {
+                "error": _error_text(outcome.reason)}
         raise InvalidInput(f"finish_many takes Succeeded, Failed or Released outcomes, "
                            f"not {type(outcome).__name__}")
 
@@ -426,6 +515,7 @@ class JobFlow:
         Safe to run from many processes at once: every write is compare-and-set.
         An upload is queued only if the object store shows a valid object.
         """
+        limit = _limit(limit, "limit", MAX_CLAIM_LIMIT)
         now = self.now()
         outcome: dict[str, list[str]] = {name: [] for name in (
             "adopted", "rejected", "expired", "rescued", "lease_failed", "unavailable")}
