@@ -11,14 +11,17 @@ import contextlib
 import enum
 import functools
 import importlib
+import json
+import math
 import mimetypes
 import os
 import signal
 import sys
 import threading
 import traceback
+import uuid
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
@@ -49,9 +52,9 @@ from jobflow.errors import (
     StorageUnavailable,
     UploadError,
 )
-from jobflow.flow import JobFlow
+from jobflow.flow import MAX_LEASE_SECONDS, JobFlow
 from jobflow.logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging, redact
-from jobflow.models import DEFAULT_CONTENT_TYPES, Job, UploadPolicy
+from jobflow.models import DEFAULT_CONTENT_TYPES, Job, JobStatus, UploadPolicy
 from jobflow.reporting import (
     StatusReport,
     dumps,
@@ -59,6 +62,9 @@ from jobflow.reporting import (
     history_lines,
     job_as_json,
     job_lines,
+    job_list_as_json,
+    job_list_lines,
+    list_jobs,
     reconcile_lines,
 )
 
@@ -86,7 +92,8 @@ Exit codes:
   0  success
   1  internal error (a bug; rerun with --debug for the traceback)
   2  usage or configuration error (options, database URL, handler, schema,
-     storage permissions, a database error that retrying cannot fix)
+     storage permissions, missing bucket, a database error that retrying
+     cannot fix, a malformed job id or a prefix matching several jobs)
   3  job not found
   4  refused: the job's status does not allow this, or the lease was lost
   5  storage unavailable (database or object store); safe to retry
@@ -129,7 +136,24 @@ def _apply(options: Sequence[Callable[[F], F]], command: F) -> F:
     return command
 
 
-seconds = click.FloatRange(min=0, min_open=True)
+#: The longest duration an option takes (ten years): longer waits overflow the
+#: platform's timers; "inf" and "nan" are refused too.
+MAX_SECONDS = 10 * 365 * 24 * 3600.0
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds within a range."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return number
+
+
+seconds = Seconds(min=0, min_open=True, max=MAX_SECONDS)
+seconds_or_zero = Seconds(min=0, max=MAX_SECONDS)
 
 DATABASE_OPTIONS = [
     env_option("--database-url", envvar="JOBFLOW_DATABASE_URL", metavar="URL",
@@ -138,7 +162,7 @@ DATABASE_OPTIONS = [
                     "created and migrated on first use."),
 ]
 
-OBJECT_STORE_OPTIONS = [
+OBJECT_STORE_LOCATION_OPTIONS = [
     env_option("--objects-dir", envvar="JOBFLOW_OBJECTS_DIR",
                type=click.Path(file_okay=False, path_type=Path),
                help="Local folder holding uploads (the default object store). "
@@ -151,6 +175,10 @@ OBJECT_STORE_OPTIONS = [
     env_option("--s3-region", envvar="JOBFLOW_S3_REGION", help="The bucket's region."),
     env_option("--s3-prefix", envvar="JOBFLOW_S3_PREFIX", default="", show_default=True,
                help="Prefix of jobflow's keys inside the bucket."),
+]
+
+OBJECT_STORE_OPTIONS = [
+    *OBJECT_STORE_LOCATION_OPTIONS,
     env_option("--s3-upload-method", envvar="JOBFLOW_S3_UPLOAD_METHOD",
                type=click.Choice(["PUT", "POST"], case_sensitive=False), default="PUT",
                show_default=True,
@@ -181,7 +209,7 @@ POLICY_OPTIONS = [
     env_option("--backoff-max", envvar="JOBFLOW_BACKOFF_MAX", type=seconds,
                default=_DEFAULT_POLICY.backoff_max_seconds, show_default=True,
                help="Longest wait between two attempts, in seconds."),
-    env_option("--adopt-after", envvar="JOBFLOW_ADOPT_AFTER", type=click.FloatRange(min=0),
+    env_option("--adopt-after", envvar="JOBFLOW_ADOPT_AFTER", type=seconds_or_zero,
                default=_DEFAULT_POLICY.adopt_after_seconds, show_default=True,
                help="Seconds after which reconcile verifies an upload whose client never "
                     "called complete."),
@@ -237,6 +265,19 @@ def flow_options(command: Callable[..., int]) -> Callable[..., int]:
         return command(options=options, **values)
 
     return _apply([*DATABASE_OPTIONS, *OBJECT_STORE_OPTIONS, *POLICY_OPTIONS], with_options)
+
+
+def store_options(command: Callable[..., int]) -> Callable[..., int]:
+    """Add the database and object store location options only, for commands
+    that look at jobs or only cancel them: the upload policy does not matter
+    to them (its defaults apply). Pass them as ``options``."""
+
+    @functools.wraps(command)
+    def with_options(**values: Any) -> int:
+        options = FlowOptions(store=_store_settings(values), policy=_DEFAULT_POLICY)
+        return command(options=options, **values)
+
+    return _apply([*DATABASE_OPTIONS, *OBJECT_STORE_LOCATION_OPTIONS], with_options)
 
 
 def database_options(command: Callable[..., int]) -> Callable[..., int]:
@@ -368,7 +409,8 @@ def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
             default=1, show_default=True,
             help="Jobs run at once (one reused handler thread each); claims and finishing "
                  "writes go in batches of up to this many jobs.")
-@env_option("--lease-seconds", envvar="JOBFLOW_LEASE_SECONDS", type=seconds,
+@env_option("--lease-seconds", envvar="JOBFLOW_LEASE_SECONDS",
+            type=Seconds(min=0, min_open=True, max=MAX_LEASE_SECONDS),
             default=_DEFAULT_POLICY.lease_seconds, show_default=True,
             help="How long a claim holds without a heartbeat; a dead worker's jobs are "
                  "rescued after it.")
@@ -385,7 +427,7 @@ def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
             default=30.0, show_default=True,
             help="Seconds between reconcile passes (expire, adopt, rescue).")
 @env_option("--shutdown-grace", envvar="JOBFLOW_SHUTDOWN_GRACE",
-            type=click.FloatRange(min=0), default=25.0, show_default=True,
+            type=seconds_or_zero, default=25.0, show_default=True,
             help="On SIGTERM/SIGINT, seconds running jobs get to finish before they are "
                  "handed back to the queue.")
 @env_option("--job-timeout", envvar="JOBFLOW_JOB_TIMEOUT", type=seconds,
@@ -484,7 +526,7 @@ def current(settings: StoreSettings) -> int:
 
 
 @cli.command()
-@env_option("--stuck-after", envvar="JOBFLOW_STUCK_AFTER", type=click.FloatRange(min=0),
+@env_option("--stuck-after", envvar="JOBFLOW_STUCK_AFTER", type=seconds_or_zero,
             default=60.0, show_default=True,
             help="Minutes in awaiting_upload after which an upload counts as stuck.")
 @env_option("--failed-window", envvar="JOBFLOW_FAILED_WINDOW", type=seconds, default=60.0,
@@ -494,7 +536,7 @@ def current(settings: StoreSettings) -> int:
 @env_option("--max-failed", envvar="JOBFLOW_MAX_FAILED", type=click.IntRange(min=0),
             help="Exit 7 when more jobs than this failed within the window.")
 @json_option
-@flow_options
+@store_options
 def status(options: FlowOptions, stuck_after: float, failed_window: float,
            max_stuck: int | None, max_failed: int | None, as_json: bool) -> int:
     """Jobs per status, stuck uploads and recent failures; can drive an alert."""
@@ -529,14 +571,70 @@ def reconcile(options: FlowOptions, as_json: bool) -> int:
     return ExitCode.STORAGE_UNAVAILABLE if report.unavailable else ExitCode.OK
 
 
+#: The shortest job id prefix the job commands resolve (the demo prints 8).
+MIN_PREFIX = 4
+#: How many ids an ambiguous prefix lists.
+AMBIGUOUS_LISTED = 10
+
+
+class AmbiguousJobId(InvalidInput):
+    """A job id prefix matches more than one job."""
+
+
+def _job_id_text(ctx: click.Context | None, param: click.Parameter | None,
+                 value: str | None) -> str | None:
+    """Check a JOB_ID argument's form: a full UUID, or a prefix of at least
+    :data:`MIN_PREFIX` hex digits (hyphens allowed). Anything else is a usage
+    error, before any database is opened."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    with contextlib.suppress(ValueError):
+        return str(uuid.UUID(text))
+    digits = text.replace("-", "")
+    if not (MIN_PREFIX <= len(digits) < 32 and all(c in "0123456789abcdef" for c in digits)):
+        shown = value if len(value) <= 64 else value[:61] + "..."
+        raise click.BadParameter(
+            f"{shown!r} is not a job id: expected a UUID or at least {MIN_PREFIX} of its "
+            "leading hex digits", ctx=ctx, param=param)
+    return digits
+
+
+def job_id_argument(name: str = "job_id") -> Callable[[F], F]:
+    return click.argument(name, metavar="JOB_ID", callback=_job_id_text)
+
+
+def resolve_job_id(flow: JobFlow, given: str) -> str:
+    """The full id of the one job whose id is, or starts with, ``given`` (checked
+    by :func:`_job_id_text`); :class:`JobNotFound` if none,
+    :class:`AmbiguousJobId` if several."""
+    if len(given) == 36:  # a full id: the store looks it up
+        return given
+    engine = getattr(flow.store, "engine", None)
+    if engine is None:
+        raise ConfigurationError("job id prefixes need a SQL job store: give the full id")
+    from jobflow.reporting import job_ids_starting_with
+
+    found = job_ids_starting_with(engine, given, limit=AMBIGUOUS_LISTED + 1)
+    if not found:
+        raise JobNotFound(given, f"no job id starts with {given!r}")
+    if len(found) > 1:
+        listed = ", ".join(found[:AMBIGUOUS_LISTED])
+        more = " and more" if len(found) > AMBIGUOUS_LISTED else ""
+        raise AmbiguousJobId(f"job id prefix {given!r} is ambiguous: it matches {listed}"
+                             f"{more}; give more digits")
+    return found[0]
+
+
 @cli.command()
-@click.argument("job_id")
+@job_id_argument()
 @json_option
-@flow_options
+@store_options
 def show(options: FlowOptions, job_id: str, as_json: bool) -> int:
-    """Print a job and its full history."""
+    """Print a job and its full history. JOB_ID may be a unique prefix of the id
+    (at least 4 hex digits), as status and the demo print."""
     flow = options.open(read_only=True)
-    job = flow.get(job_id)
+    job = flow.get(resolve_job_id(flow, job_id))
     history = flow.history(job.id)
     if as_json:
         _print(dumps({"job": job_as_json(job), "history": [event_as_json(e) for e in history]}))
@@ -555,36 +653,131 @@ def _print_job(job: Job, as_json: bool, before: str | None = None) -> None:
 
 
 @cli.command()
-@click.argument("job_id")
+@job_id_argument()
 @json_option
 @flow_options
 def requeue(options: FlowOptions, job_id: str, as_json: bool) -> int:
-    """Put a failed job back in the queue, after verifying its object again."""
+    """Put a failed job back in the queue, after verifying its object again.
+    JOB_ID may be a unique prefix of the id (at least 4 hex digits)."""
     flow = options.open(create=False)
+    job_id = resolve_job_id(flow, job_id)
     before = flow.get(job_id).status.value
     _print_job(flow.requeue(job_id), as_json, before)
     return ExitCode.OK
 
 
 @cli.command()
-@click.argument("job_id")
+@job_id_argument()
 @json_option
-@flow_options
+@store_options
 def cancel(options: FlowOptions, job_id: str, as_json: bool) -> int:
-    """Fail a job that has not started (awaiting_upload or queued)."""
+    """Fail a job that has not started (awaiting_upload or queued). JOB_ID may be
+    a unique prefix of the id (at least 4 hex digits)."""
     flow = options.open(create=False)
+    job_id = resolve_job_id(flow, job_id)
     before = flow.get(job_id).status.value
     _print_job(flow.cancel(job_id), as_json, before)
     return ExitCode.OK
 
 
-def _params(pairs: Sequence[str]) -> dict[str, str]:
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--param")
-        params[key] = value
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class Duration(click.ParamType[timedelta, Any]):
+    """A duration: seconds, or a number with a unit s, m, h or d (``90``, ``15m``, ``2d``)."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip().lower()
+        unit = _UNITS.get(text[-1:])
+        number = text[:-1] if unit is not None else text
+        try:
+            amount = float(number) * (unit or 1.0)
+        except ValueError:
+            amount = math.nan
+        if not math.isfinite(amount) or not 0 <= amount <= MAX_SECONDS:
+            self.fail(f"{value!r} is not a duration such as 90, 90s, 15m, 2h or 7d",
+                      param, ctx)
+        return timedelta(seconds=amount)
+
+
+@cli.command()
+@env_option("--status", "statuses", envvar="JOBFLOW_JOBS_STATUS", multiple=True,
+            type=click.Choice([member.value for member in JobStatus]),
+            help="Only jobs in this status (repeatable; the variable holds space-separated "
+                 "statuses).")
+@env_option("--owner", envvar="JOBFLOW_JOBS_OWNER", help="Only jobs of this owner id.")
+@env_option("--error-code", envvar="JOBFLOW_JOBS_ERROR_CODE",
+            help="Only jobs that failed with this error code (e.g. cancelled).")
+@env_option("--older-than", envvar="JOBFLOW_JOBS_OLDER_THAN", type=Duration(),
+            metavar="DURATION",
+            help="Only jobs created at least this long ago: seconds, or 15m, 2h, 7d.")
+@env_option("--newer-than", envvar="JOBFLOW_JOBS_NEWER_THAN", type=Duration(),
+            metavar="DURATION",
+            help="Only jobs created at most this long ago: seconds, or 15m, 2h, 7d.")
+@env_option("--limit", envvar="JOBFLOW_JOBS_LIMIT", type=click.IntRange(min=1, max=10_000),
+            default=50, show_default=True, help="Jobs listed at most.")
+@env_option("--after", envvar="JOBFLOW_JOBS_AFTER", metavar="JOB_ID", callback=_job_id_text,
+            help="The next page: the jobs created after this one (the last one listed; "
+                 "a unique prefix is enough).")
+@json_option
+@store_options
+def jobs(options: FlowOptions, statuses: Sequence[str], owner: str | None,
+         error_code: str | None, older_than: timedelta | None, newer_than: timedelta | None,
+         limit: int, after: str | None, as_json: bool) -> int:
+    """List jobs, oldest first, with filters; --after pages through them.
+
+    Only reads: nothing is created, claimed or changed.
+    """
+    flow = options.open(read_only=True)
+    engine = getattr(flow.store, "engine", None)
+    if engine is None:
+        raise ConfigurationError("listing jobs needs a SQL job store")
+    cursor = None
+    if after is not None:
+        previous = flow.get(resolve_job_id(flow, after))
+        cursor = (previous.created_at, previous.id)
+    now: datetime = flow.now()
+    found = list_jobs(
+        engine, statuses=[JobStatus(s) for s in statuses], owner=owner,
+        error_code=error_code,
+        created_before=now - older_than if older_than is not None else None,
+        created_after=now - newer_than if newer_than is not None else None,
+        after=cursor, limit=limit)
+    if as_json:
+        _print(dumps(job_list_as_json(found, limit)))
+    else:
+        _print("\n".join(job_list_lines(found, limit)))
+    return ExitCode.OK
+
+
+def _json_or_text(value: str) -> Any:
+    """``value`` as JSON when it is valid JSON (NaN and Infinity aside), else the text."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    try:
+        return json.loads(value, parse_constant=refuse)
+    except ValueError:
+        return value
+
+
+def _params(pairs: Sequence[str], text_pairs: Sequence[str] = ()) -> dict[str, Any]:
+    """``--param`` values parsed as JSON when they are JSON, ``--param-str`` values
+    kept as text (they win over a ``--param`` of the same key)."""
+    params: dict[str, Any] = {}
+    for option, given, parse in (("--param", pairs, True), ("--param-str", text_pairs, False)):
+        for pair in given:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}",
+                                         param_hint=option)
+            params[key] = _json_or_text(value) if parse else value
     return params
 
 
@@ -595,14 +788,21 @@ def _params(pairs: Sequence[str]) -> dict[str, str]:
 @env_option("--owner", envvar="JOBFLOW_OWNER", default="jobflow-cli", show_default=True,
             help="Owner id of the job.")
 @env_option("--param", "params", envvar="JOBFLOW_PARAMS", multiple=True, metavar="KEY=VALUE",
-            help="A job parameter (repeatable; the variable holds space-separated pairs).")
+            help="A job parameter, its value read as JSON when it is JSON (10 is a number, "
+                 "true a boolean, [\"a\"] a list), else as text (repeatable; the variable "
+                 "holds space-separated pairs).")
+@env_option("--param-str", "text_params", envvar="JOBFLOW_PARAMS_STR", multiple=True,
+            metavar="KEY=VALUE",
+            help="A job parameter whose value is always text (repeatable; the variable holds "
+                 "space-separated pairs).")
 @env_option("--checksum/--no-checksum", envvar="JOBFLOW_UPLOAD_CHECKSUM", default=False,
             show_default=True,
             help="Declare the file's SHA-256, so the store refuses different bytes.")
 @json_option
 @flow_options
 def upload(options: FlowOptions, file: Path, content_type: str | None, owner: str,
-           params: Sequence[str], checksum: bool, as_json: bool) -> int:
+           params: Sequence[str], text_params: Sequence[str], checksum: bool,
+           as_json: bool) -> int:
     """Upload FILE as a client would and print the resulting job.
 
     Creates a job, sends the file through its upload ticket (a real HTTP request
@@ -612,6 +812,7 @@ def upload(options: FlowOptions, file: Path, content_type: str | None, owner: st
 
     from jobflow.upload_client import UploadRefused, send_file
 
+    job_params = _params(params, text_params)
     declared = content_type or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
     _check_upload(file, declared, options.policy)  # a refused upload leaves no trace
     sha256 = None
@@ -622,13 +823,16 @@ def upload(options: FlowOptions, file: Path, content_type: str | None, owner: st
                 digest.update(chunk)
         sha256 = digest.hexdigest()
     flow = options.open()
-    ticket = flow.initiate_upload(owner, _params(params), content_type=declared, sha256=sha256)
+    ticket = flow.initiate_upload(owner, job_params, content_type=declared, sha256=sha256)
     try:
         send_file(ticket, file)
-    except UploadRefused:
+    except UploadRefused as exc:
         # Leave no job waiting for an upload that will never come.
         with contextlib.suppress(JobflowError):
             flow.cancel(ticket.job_id)
+        if "NoSuchBucket" in exc.reason:  # configuration, not the file's fault
+            raise ConfigurationError(f"the bucket {options.store.s3_bucket!r} does not "
+                                     f"exist ({exc.reason}); the job was cancelled") from exc
         raise
     _print_job(flow.complete_upload(ticket.job_id), as_json)
     return ExitCode.OK

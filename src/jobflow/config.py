@@ -76,6 +76,7 @@ def make_engine(url: str) -> Engine:
         raise ConfigurationError(
             f"unsupported database {parsed.get_backend_name()!r}: use a postgresql:// URL or "
             "a sqlite:/// file")
+    _check_sqlite_folder(parsed)
     try:
         return sa.create_engine(parsed)
     except ImportError as exc:
@@ -84,6 +85,21 @@ def make_engine(url: str) -> Engine:
             "jobflow[postgres]") from exc
     except sa_exc.ArgumentError as exc:
         raise ConfigurationError(f"invalid database URL: {exc}") from exc
+
+
+def _check_sqlite_folder(url: sa.URL) -> None:
+    """A SQLite file must be in a folder that exists: SQLite would fail on first
+    use with "unable to open database file", which is configuration, not an
+    outage."""
+    database = url.database or ""
+    if (url.get_backend_name() != "sqlite" or database in ("", ":memory:")
+            or database.startswith("file:") or "mode=memory" in str(url)):
+        return
+    folder = Path(database).parent
+    if not folder.is_dir():
+        raise ConfigurationError(
+            f"the folder of the SQLite database {database} does not exist: create it or "
+            "point --database-url elsewhere")
 
 
 def _driver_failure(action: str, exc: Exception) -> JobflowError:

@@ -7,12 +7,15 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from jobflow.flow import JobFlow
 from jobflow.models import Job, JobEvent, JobStatus, ReconcileReport
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 #: How many jobs a status report lists by id (the counts are complete).
 LISTED = 10
@@ -177,3 +180,91 @@ def reconcile_lines(report: ReconcileReport) -> list[str]:
 def _minutes(span: timedelta) -> str:
     minutes = span.total_seconds() / 60
     return f"{minutes:g} min"
+
+
+# -- listing jobs (read-only queries on a SQL job store's tables) --------------------------
+
+#: The columns ``jobflow jobs`` lists.
+LISTED_COLUMNS = ("id", "status", "owner_id", "created_at", "updated_at", "attempts",
+                  "max_attempts", "error_code", "error_message", "finished_at")
+
+
+def _read(engine: Engine, statement: Any) -> list[Any]:
+    """Rows of a read-only query; driver failures become jobflow errors."""
+    from sqlalchemy import exc as sa_exc
+
+    from jobflow.errors import ConfigurationError, StorageUnavailable
+
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(statement))
+    except sa_exc.DBAPIError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        if isinstance(exc, sa_exc.ProgrammingError):
+            raise ConfigurationError(f"cannot list jobs: {detail}") from exc
+        raise StorageUnavailable(f"cannot list jobs: {detail}") from exc
+
+
+def job_ids_starting_with(engine: Engine, prefix: str, *, limit: int) -> list[str]:
+    """Up to ``limit`` job ids (canonical, sorted) whose 32 hex digits start with
+    ``prefix`` (lowercase hex digits, no hyphens). Ids are a native ``uuid`` on
+    PostgreSQL (text with hyphens once cast) and 32 hex characters on SQLite:
+    the hyphens are removed before comparing, on both."""
+    import sqlalchemy as sa
+
+    from jobflow.adapters.sqlalchemy.schema import jobs
+
+    digits = sa.func.replace(sa.cast(jobs.c.id, sa.Text), "-", "")
+    statement = (sa.select(jobs.c.id).where(digits.like(f"{prefix}%"))
+                 .order_by(jobs.c.id).limit(limit))
+    return [str(row[0]) for row in _read(engine, statement)]
+
+
+def list_jobs(engine: Engine, *, statuses: Sequence[JobStatus] = (), owner: str | None = None,
+              error_code: str | None = None, created_before: datetime | None = None,
+              created_after: datetime | None = None,
+              after: tuple[datetime, str] | None = None, limit: int = 50
+              ) -> list[dict[str, Any]]:
+    """Jobs matching every filter given, ordered by ``(created_at, id)``; ``after``
+    is the ``(created_at, id)`` of the last job of the previous page."""
+    import sqlalchemy as sa
+
+    from jobflow.adapters.sqlalchemy.schema import jobs
+
+    statement = sa.select(*(jobs.c[name] for name in LISTED_COLUMNS))
+    if statuses:
+        statement = statement.where(jobs.c.status.in_(list(statuses)))
+    if owner is not None:
+        statement = statement.where(jobs.c.owner_id == owner)
+    if error_code is not None:
+        statement = statement.where(jobs.c.error_code == error_code)
+    if created_before is not None:
+        statement = statement.where(jobs.c.created_at <= created_before)
+    if created_after is not None:
+        statement = statement.where(jobs.c.created_at >= created_after)
+    if after is not None:
+        created, job_id = after
+        statement = statement.where(sa.or_(
+            jobs.c.created_at > created,
+            sa.and_(jobs.c.created_at == created, jobs.c.id > job_id)))
+    statement = statement.order_by(jobs.c.created_at, jobs.c.id).limit(limit)
+    return [dict(zip(LISTED_COLUMNS, row, strict=True)) for row in _read(engine, statement)]
+
+
+def job_list_as_json(found: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """The listed jobs and the ``--after`` of the next page (None on the last)."""
+    return {"jobs": [{name: _json_value(value) for name, value in row.items()}
+                     for row in found],
+            "next_after": found[-1]["id"] if len(found) == limit else None}
+
+
+def job_list_lines(found: list[dict[str, Any]], limit: int) -> list[str]:
+    """The listed jobs as a table, ids shortened to 8 digits (a prefix ``show``
+    accepts), and how to get the next page."""
+    rows = [(row["id"][:8], row["status"].value, row["owner_id"],
+             format_time(row["created_at"]), f"{row['attempts']}/{row['max_attempts']}",
+             row["error_code"] or "-") for row in found]
+    out = table(("job", "status", "owner", "created", "attempts", "error_code"), rows)
+    if len(found) == limit:
+        out.append(f"more: jobflow jobs --after {found[-1]['id']} (same filters)")
+    return out
