@@ -29,7 +29,15 @@ import psycopg
 from bench import jobflow_seed, raw_sql, tool_jobflow, tool_pgqueuer, tool_procrastinate
 from bench.drain import DrainBody, run_drain
 from bench.pgserver import PostgresServer
-from bench.tables import machine_summary, markdown_table, median, percentile, rate, ratio
+from bench.tables import (
+    machine_summary,
+    markdown_table,
+    median,
+    percentile,
+    progress,
+    rate,
+    ratio,
+)
 from jobflow.models import Succeeded
 
 JOBFLOW = "jobflow"
@@ -74,42 +82,23 @@ class Contender:
         return self.batches is None or batch in self.batches
 
 
-def _seed_jobflow(conninfo: str, count: int) -> None:
-    jobflow_seed.seed_queued(conninfo, count)
-    jobflow_seed.vacuum_analyze(conninfo)
-
-
-def _jobflow_done(conninfo: str) -> int:
-    return jobflow_seed.count_status(conninfo, "done")
-
-
 CONTENDERS: tuple[Contender, ...] = (
-    Contender(JOBFLOW, "bench_jobflow", tool_jobflow.drain, jobflow_seed.reset, _seed_jobflow,
-              _jobflow_done),
+    Contender(JOBFLOW, "bench_jobflow", tool_jobflow.drain, jobflow_seed.reset,
+              jobflow_seed.seed_and_vacuum, jobflow_seed.count_done),
     Contender(WORKER, "bench_jobflow", tool_jobflow.worker_drain, jobflow_seed.reset,
-              _seed_jobflow, _jobflow_done),
-    Contender(RAW, "bench_jobflow", raw_sql.drain, jobflow_seed.reset, _seed_jobflow,
-              _jobflow_done, settings={"finish": "with the next claim"}),
-    Contender(RAW_APART, "bench_jobflow", raw_sql.drain, jobflow_seed.reset, _seed_jobflow,
-              _jobflow_done, settings={"finish": "separately"}),
+              jobflow_seed.seed_and_vacuum, jobflow_seed.count_done),
+    Contender(RAW, "bench_jobflow", raw_sql.drain, jobflow_seed.reset,
+              jobflow_seed.seed_and_vacuum, jobflow_seed.count_done,
+              settings={"finish": "with the next claim"}),
+    Contender(RAW_APART, "bench_jobflow", raw_sql.drain, jobflow_seed.reset,
+              jobflow_seed.seed_and_vacuum, jobflow_seed.count_done,
+              settings={"finish": "separately"}),
     Contender(PGQUEUER, "bench_pgqueuer", tool_pgqueuer.drain, tool_pgqueuer.reset,
               tool_pgqueuer.seed, tool_pgqueuer.finished),
     Contender(PROCRASTINATE, "bench_procrastinate", tool_procrastinate.drain,
               tool_procrastinate.reset, tool_procrastinate.seed, tool_procrastinate.finished,
               batches=frozenset({1})),
 )
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def prepare_databases(server: PostgresServer) -> None:
-    for database in sorted({c.database for c in CONTENDERS}):
-        server.create_database(database)
-    jobflow_seed.migrate(server.sqlalchemy_url("bench_jobflow"))
-    tool_pgqueuer.install(server.dsn("bench_pgqueuer"))
-    tool_procrastinate.install(server.conninfo("bench_procrastinate"))
 
 
 @dataclass(frozen=True)
@@ -130,11 +119,6 @@ def _statements(server: PostgresServer, database: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _reset_statements(server: PostgresServer) -> None:
-    with psycopg.connect(server.conninfo(), autocommit=True) as connection:
-        connection.execute("SELECT pg_stat_statements_reset()")
-
-
 def drain_once(server: PostgresServer, contender: Contender, *, jobs: int, workers: int,
                batch: int) -> Drained:
     """Seed ``jobs`` jobs, drain them, check they all finished."""
@@ -144,7 +128,7 @@ def drain_once(server: PostgresServer, contender: Contender, *, jobs: int, worke
     settings = {**contender.settings, "batch": batch, "conninfo": conninfo,
                 "dsn": server.dsn(contender.database),
                 "sqlalchemy_url": server.sqlalchemy_url(contender.database)}
-    _reset_statements(server)
+    server.reset_statements()
     result = run_drain(contender.drain, settings, workers=workers, expected_jobs=jobs)
     statements = _statements(server, contender.database)
     done = contender.finished(conninfo)
@@ -279,7 +263,7 @@ def call_costs(server: PostgresServer, plan: Plan) -> list[CallCosts]:
 
     def fresh_queue(batch: int) -> None:
         jobflow_seed.reset(conninfo)
-        _seed_jobflow(conninfo, max(plan.cost_jobs, 10 * batch))
+        jobflow_seed.seed_and_vacuum(conninfo, max(plan.cost_jobs, 10 * batch))
 
     costs = []
     with psycopg.connect(conninfo, autocommit=True) as connection:
@@ -461,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = machine_summary(server.version())
         summary += f"; synchronous_commit={plan.synchronous_commit}"
         progress("preparing databases")
-        prepare_databases(server)
+        server.prepare(jobflow="bench_jobflow", pgqueuer="bench_pgqueuer",
+                       procrastinate="bench_procrastinate")
         progress(f"draining {plan.jobs:,} jobs per run")
         measured = throughput(server, plan)
         progress("per-call costs, one worker")

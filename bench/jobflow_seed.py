@@ -91,6 +91,16 @@ def vacuum_analyze(conninfo: str) -> None:
         connection.execute("VACUUM ANALYZE jobflow_job_events")
 
 
+def seed_and_vacuum(conninfo: str, count: int) -> None:
+    """:func:`seed_queued`, then :func:`vacuum_analyze`: a queue ready to drain."""
+    seed_queued(conninfo, count)
+    vacuum_analyze(conninfo)
+
+
+def count_done(conninfo: str) -> int:
+    return count_status(conninfo, "done")
+
+
 def count_status(conninfo: str, status: str) -> int:
     with psycopg.connect(conninfo) as connection:
         row = connection.execute("SELECT count(*) FROM jobflow_jobs WHERE status = %s",

@@ -55,7 +55,7 @@ import psycopg
 from bench import jobflow_seed, raw_sql
 from bench.drain import run_drain
 from bench.pgserver import PostgresServer
-from bench.tables import machine_summary, markdown_table
+from bench.tables import machine_summary, markdown_table, progress
 
 DATABASE = "bench_lock_waits"
 #: The application_name of the worker connections: the sampler watches these.
@@ -208,10 +208,6 @@ class Cell:
     @property
     def jobs_per_second(self) -> float:
         return self.done / self.seconds if self.seconds > 0 else float("inf")
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _wait_label(wait_type: str | None, wait_event: str | None) -> str:

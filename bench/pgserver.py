@@ -141,10 +141,26 @@ class PostgresServer:
         with psycopg.connect(self.conninfo(name), autocommit=True) as connection:
             connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
+    def reset_statements(self) -> None:
+        """Forget what ``pg_stat_statements`` counted so far, in every database."""
+        with psycopg.connect(self.conninfo(), autocommit=True) as connection:
+            connection.execute("SELECT pg_stat_statements_reset()")
+
     def version(self) -> str:
         with psycopg.connect(self.conninfo()) as connection:
             row = connection.execute("SHOW server_version").fetchone()
         return str(row[0]) if row else "unknown"
+
+    def prepare(self, *, jobflow: str, pgqueuer: str, procrastinate: str) -> None:
+        """Create the contenders' databases: jobflow's migrated, the peers' schemas
+        installed (the peers are imported only here)."""
+        from bench import jobflow_seed, tool_pgqueuer, tool_procrastinate
+
+        for database in (jobflow, pgqueuer, procrastinate):
+            self.create_database(database)
+        jobflow_seed.migrate(self.sqlalchemy_url(jobflow))
+        tool_pgqueuer.install(self.dsn(pgqueuer))
+        tool_procrastinate.install(self.conninfo(procrastinate))
 
     def __enter__(self) -> PostgresServer:
         return self.start()

@@ -6,8 +6,14 @@ import math
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Sequence
 from importlib import metadata
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr; the report itself goes to stdout."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

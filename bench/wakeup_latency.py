@@ -35,7 +35,7 @@ import psycopg
 
 from bench import jobflow_seed, tool_jobflow, tool_pgqueuer, tool_procrastinate
 from bench.pgserver import PostgresServer
-from bench.tables import machine_summary, markdown_table, median, percentile
+from bench.tables import machine_summary, markdown_table, median, percentile, progress
 
 TARGET_MEDIAN_MS = 3.0
 TARGET_P99_MS = 20.0
@@ -107,18 +107,6 @@ def contenders(plan: Plan) -> list[Contender]:
         Contender("pgqueuer (LISTEN/NOTIFY)", "wake_pgqueuer", tool_pgqueuer.run_worker,
                   _pgqueuer_producer, lambda p: p.notify_samples, {}),
     ]
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def prepare_databases(server: PostgresServer) -> None:
-    for database in ("wake_jobflow", "wake_procrastinate", "wake_pgqueuer"):
-        server.create_database(database)
-    jobflow_seed.migrate(server.sqlalchemy_url("wake_jobflow"))
-    tool_procrastinate.install(server.conninfo("wake_procrastinate"))
-    tool_pgqueuer.install(server.dsn("wake_pgqueuer"))
 
 
 def _settings(server: PostgresServer, database: str, extra: dict[str, Any],
@@ -350,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         objects_root = Path(objects_folder)
         summary = machine_summary(server.version())
         progress("preparing databases")
-        prepare_databases(server)
+        server.prepare(jobflow="wake_jobflow", pgqueuer="wake_pgqueuer",
+                       procrastinate="wake_procrastinate")
         results: dict[str, list[float]] = {}
         for contender in contenders(plan):
             progress(f"  latency: {contender.label}")

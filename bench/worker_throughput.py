@@ -39,7 +39,7 @@ import psycopg
 from bench import jobflow_seed, tool_jobflow
 from bench.drain import DRAIN_TIMEOUT_SECONDS, DrainBody, run_drain
 from bench.pgserver import PostgresServer
-from bench.tables import machine_summary, markdown_table, rate, ratio
+from bench.tables import machine_summary, markdown_table, progress, rate, ratio
 
 JOBFLOW = "jobflow Worker"
 LOOP = "jobflow claim/finish loop"
@@ -129,15 +129,6 @@ class Contender:
     runs: Callable[[Cell], bool] = lambda cell: True
 
 
-def _seed_jobflow(conninfo: str, count: int) -> None:
-    jobflow_seed.seed_queued(conninfo, count)
-    jobflow_seed.vacuum_analyze(conninfo)
-
-
-def _jobflow_done(conninfo: str) -> int:
-    return jobflow_seed.count_status(conninfo, "done")
-
-
 def contenders() -> tuple[Contender, ...]:
     # The peers are imported here, not at the top: ``jobflow worker`` imports
     # this module for its handler, and should not pay for them.
@@ -152,11 +143,12 @@ def contenders() -> tuple[Contender, ...]:
 
     return (
         Contender(JOBFLOW, "bench_jobflow", tool_jobflow.run_worker_drain, jobflow_seed.reset,
-                  _seed_jobflow, _jobflow_done, "%jobflow\\_job%",
+                  jobflow_seed.seed_and_vacuum, jobflow_seed.count_done, "%jobflow\\_job%",
                   lambda cell: {"concurrency": cell.concurrency,
                                 "handler": sleep_5ms if cell.sleep else noop}),
-        Contender(LOOP, "bench_jobflow", tool_jobflow.drain, jobflow_seed.reset, _seed_jobflow,
-                  _jobflow_done, "%jobflow\\_job%", lambda cell: {"batch": cell.concurrency},
+        Contender(LOOP, "bench_jobflow", tool_jobflow.drain, jobflow_seed.reset,
+                  jobflow_seed.seed_and_vacuum, jobflow_seed.count_done, "%jobflow\\_job%",
+                  lambda cell: {"batch": cell.concurrency},
                   runs=lambda cell: not cell.sleep and cell.concurrency in LOOP_BATCHES),
         # Without a cap pgqueuer keeps dequeuing while its jobs sleep: no
         # concurrency to compare, so it sits out the sleeping cell.
@@ -172,20 +164,6 @@ def contenders() -> tuple[Contender, ...]:
     )
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def prepare_databases(server: PostgresServer) -> None:
-    from bench import tool_pgqueuer, tool_procrastinate
-
-    for database in ("bench_jobflow", "bench_pgqueuer", "bench_procrastinate"):
-        server.create_database(database)
-    jobflow_seed.migrate(server.sqlalchemy_url("bench_jobflow"))
-    tool_pgqueuer.install(server.dsn("bench_pgqueuer"))
-    tool_procrastinate.install(server.conninfo("bench_procrastinate"))
-
-
 # -- one drain ---------------------------------------------------------------------------
 
 
@@ -196,11 +174,6 @@ class Drained:
     jobs_per_second: float
     touching_per_job: float  # top-level statements that touch the contender's tables
     statements_per_job: float  # every top-level statement, BEGIN and COMMIT included
-
-
-def _reset_statements(server: PostgresServer) -> None:
-    with psycopg.connect(server.conninfo(), autocommit=True) as connection:
-        connection.execute("SELECT pg_stat_statements_reset()")
 
 
 def _statements(server: PostgresServer, database: str, tables: str) -> tuple[int, int]:
@@ -234,7 +207,7 @@ def drain_once(server: PostgresServer, contender: Contender, cell: Cell, jobs: i
     settings = {**contender.settings(cell), "conninfo": conninfo,
                 "dsn": server.dsn(contender.database),
                 "sqlalchemy_url": server.sqlalchemy_url(contender.database)}
-    _reset_statements(server)
+    server.reset_statements()
     result = run_drain(contender.drain, settings, workers=cell.processes, expected_jobs=jobs)
     touching, statements = _statements(server, contender.database, contender.tables)
     _check_finished(contender, conninfo, jobs)
@@ -453,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = machine_summary(server.version())
         summary += f"; synchronous_commit={plan.synchronous_commit}"
         progress("preparing databases")
-        prepare_databases(server)
+        server.prepare(jobflow="bench_jobflow", pgqueuer="bench_pgqueuer",
+                       procrastinate="bench_procrastinate")
         progress(f"draining {plan.jobs:,} jobs per run")
         measure(server, plan, matrix(plan), measured)
         progress(f"handler sleeping {SLEEP_SECONDS * 1000:g} ms")
