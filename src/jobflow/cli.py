@@ -54,7 +54,7 @@ from jobflow.errors import (
 )
 from jobflow.flow import MAX_LEASE_SECONDS, JobFlow
 from jobflow.logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging, redact
-from jobflow.models import DEFAULT_CONTENT_TYPES, Job, JobStatus, UploadPolicy
+from jobflow.models import DEFAULT_CONTENT_TYPES, Job, JobStatus, UploadPolicy, media_type
 from jobflow.reporting import (
     StatusReport,
     dumps,
@@ -847,8 +847,7 @@ class FileRefused(UploadError):
 
 def _check_upload(file: Path, content_type: str, policy: UploadPolicy) -> None:
     """Refuse, before anything is created, a file the policy would refuse."""
-    media_type = content_type.split(";")[0].strip().lower()
-    if media_type not in policy.allowed_content_types:
+    if media_type(content_type) not in policy.allowed_content_types:
         raise ContentTypeNotAllowed(content_type, policy.allowed_content_types)
     size = file.stat().st_size
     if size == 0 and policy.min_bytes > 0:

@@ -49,6 +49,7 @@ from jobflow.models import (
     Succeeded,
     UploadPolicy,
     UploadTicket,
+    media_type,
 )
 from jobflow.ports import Clock, JobStore, ObjectStore
 
@@ -251,8 +252,8 @@ class JobFlow:
         params = json_object(params, "params")
         if not isinstance(content_type, str):
             raise InvalidInput("content_type must be a string")
-        media_type = content_type.split(";")[0].strip().lower()
-        if media_type not in self.policy.allowed_content_types:
+        declared = media_type(content_type)
+        if declared not in self.policy.allowed_content_types:
             raise ContentTypeNotAllowed(content_type, self.policy.allowed_content_types)
         if sha256 is not None and not (isinstance(sha256, str)
                                        and _SHA256_HEX.fullmatch(sha256)):
@@ -261,11 +262,11 @@ class JobFlow:
         key = upload_key(job_id)
         ttl = int(self.policy.upload_ttl_seconds)
         presigned = self.objects.presign_upload(
-            key, content_type=media_type, expires_in=ttl, min_bytes=self.policy.min_bytes,
+            key, content_type=declared, expires_in=ttl, min_bytes=self.policy.min_bytes,
             max_bytes=self.policy.max_bytes, sha256=sha256.lower() if sha256 else None)
         change = states.new_job(
             job_id=job_id, owner_id=owner_id, params=params, bucket=self.objects.bucket,
-            key=key, content_type=media_type,
+            key=key, content_type=declared,
             expected_sha256=sha256.lower() if sha256 else None, now=self.now(),
             policy=self.policy)
         job = self._logged(change, self.store.create(change))

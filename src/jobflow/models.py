@@ -59,6 +59,12 @@ class ErrorCode(enum.StrEnum):
 DEFAULT_CONTENT_TYPES = frozenset({"video/mp4", "video/quicktime", "video/x-msvideo"})
 
 
+def media_type(content_type: str) -> str:
+    """A content type without its parameters, lowercased (``VIDEO/MP4; codecs=x``
+    is ``video/mp4``): what policies and jobs compare."""
+    return content_type.split(";")[0].strip().lower()
+
+
 def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ConfigurationError(f"upload policy: {attribute.name} must be > 0, got {value!r}")

@@ -37,6 +37,7 @@ from jobflow.models import (
     JSONDict,
     ObjectInfo,
     UploadPolicy,
+    media_type,
 )
 
 # The machine below is never triggered, but the package logs at INFO when it is.
@@ -161,10 +162,10 @@ def rejection_reason(job: Job, obj: ObjectInfo, policy: UploadPolicy) -> str | N
         return f"object is {obj.size} bytes, below the minimum of {min_bytes}"
     if obj.size > max_bytes:
         return f"object is {obj.size} bytes, above the limit of {max_bytes}"
-    media_type = obj.content_type.split(";")[0].strip().lower()
-    if media_type not in policy.allowed_content_types:
+    found = media_type(obj.content_type)
+    if found not in policy.allowed_content_types:
         return f"content type {obj.content_type!r} is not allowed"
-    if media_type != job.content_type:
+    if found != job.content_type:
         return f"content type {obj.content_type!r} differs from the declared {job.content_type!r}"
     if job.expected_sha256 is not None:
         if obj.sha256 is None:
