@@ -132,16 +132,17 @@ def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> No
         raise _driver_failure("migrate the database", exc) from exc
 
 
-def ensure_schema(engine: Engine) -> None:
-    """SQLite: migrate to the newest schema on first use. PostgreSQL: refuse to
-    run on a schema that is not the newest (``jobflow db upgrade`` fixes it)."""
+def ensure_schema(engine: Engine, *, migrate_sqlite: bool = True) -> None:
+    """SQLite: migrate to the newest schema on first use (unless
+    ``migrate_sqlite`` is False). Otherwise refuse to run on a schema that is
+    not the newest (``jobflow db upgrade`` fixes it)."""
     from jobflow import migrations
 
     newest = migrations.head()
     found = schema_revision(engine)
     if found == newest:
         return
-    if engine.dialect.name == "sqlite":
+    if migrate_sqlite and engine.dialect.name == "sqlite":
         try:
             migrate(engine)
         except JobflowError:
@@ -174,7 +175,6 @@ def open_job_store(settings: StoreSettings, *, create: bool = True,
     ``read_only`` (commands that only look) nothing is created or migrated
     either: a schema that is not the newest is a :class:`ConfigurationError`.
     """
-    from jobflow import migrations
     from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 
     engine = make_engine(settings.resolved_database_url())
@@ -184,12 +184,7 @@ def open_job_store(settings: StoreSettings, *, create: bool = True,
             f"no jobflow database at {missing}: nothing has created jobs here yet "
             "(a worker, `jobflow upload` or `jobflow db upgrade` creates it; "
             "--database-url points elsewhere)")
-    if not read_only:
-        ensure_schema(engine)
-    elif (found := schema_revision(engine)) != migrations.head():
-        raise ConfigurationError(
-            f"the database schema is at revision {found or 'none'}, this jobflow needs "
-            f"{migrations.head()}: run `jobflow db upgrade`")
+    ensure_schema(engine, migrate_sqlite=not read_only)
     return SqlAlchemyJobStore(engine)
 
 
