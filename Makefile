@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	bash scripts/ensure-postgres
+	bash scripts/ensure-test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

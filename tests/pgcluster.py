@@ -53,7 +53,7 @@ def _bindir() -> Path:
             return folder
     raise PostgresUnavailable(
         "PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL 15 "
-        "(scripts/ensure-postgres does it on Debian/Ubuntu) or set "
+        "(scripts/ensure-test-tools does it on Debian/Ubuntu) or set "
         "JOBFLOW_TEST_DATABASE_URL to a running server")
 
 
