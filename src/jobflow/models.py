@@ -125,7 +125,7 @@ class ObjectInfo:
 class Job:
     """A snapshot of one job. Transitions return new snapshots.
 
-    Not slotted: a frozen slotted class sets each of its 27 fields through
+    Not slotted: a frozen slotted class sets each of its 31 fields through
     ``object.__setattr__``, which made a job cost twice as much to build, and
     a worker builds two for every job it runs (the claimed row, the finished job).
     """
@@ -161,6 +161,11 @@ class Job:
     # later verification binds to it (None: a job stored before jobs kept it).
     min_bytes: int | None = None
     max_bytes: int | None = None
+    # When someone asked this running job to stop (None: nobody did).
+    cancel_requested_at: datetime | None = None
+    # Attempts that ended because something outside the job failed and gave
+    # their attempt back (bounded by the policy's own budget, not max_attempts).
+    deferrals: int = 0
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with ``changes``: :func:`attrs.evolve` without its generic

@@ -121,6 +121,10 @@ jobs = sa.Table(
     # NULL for jobs created before it: the verifying process's policy decides).
     sa.Column("min_bytes", sa.BigInteger),
     sa.Column("max_bytes", sa.BigInteger),
+    # A cancel request for a running job, and the attempts given back because
+    # something outside the job failed (revision 0003).
+    sa.Column("cancel_requested_at", UTCDateTime),
+    sa.Column("deferrals", sa.Integer, nullable=False, server_default=sa.text("0")),
     # Rows in this job's history; the next event's seq is history_length + 1.
     # Kept on the job row so that the write holding the row lock numbers it.
     sa.Column("history_length", sa.Integer, nullable=False),
@@ -134,6 +138,7 @@ jobs = sa.Table(
         "status <> 'quick_running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
         name="running_holds_lease"),
     sa.CheckConstraint("history_length >= 1", name="history_not_empty"),
+    sa.CheckConstraint("deferrals >= 0", name="deferrals_not_negative"),
 )
 
 
