@@ -227,9 +227,10 @@ class JobFlow:
                              change.worker_id)
         return job
 
-    def _transition(self, job_id: str, decide: Callable[[Job], Change],
+    def _transition(self, job_id: str, decide: Callable[[Job], Change | None],
                     owner_id: str | None = None, *, snapshot: Job | None = None) -> Job:
         """Decide and compare-and-set, re-deciding on a fresh read after a lost race.
+        A decision of None means the job already is as asked: nothing is written.
 
         ``snapshot`` is a copy the caller already holds (a worker's claim): the
         first round decides on it without reading, and the compare-and-set
@@ -238,7 +239,10 @@ class JobFlow:
         for _ in range(_MAX_ROUNDS):
             job = snapshot if snapshot is not None else self.get(job_id, owner_id=owner_id)
             snapshot = None
-            written = self.store.commit(change := decide(job))
+            change = decide(job)
+            if change is None:
+                return job
+            written = self.store.commit(change)
             if written is not None:
                 return self._logged(change, written)
         raise StorageUnavailable(f"job {job_id} kept changing under {_MAX_ROUNDS} attempts")
@@ -325,9 +329,14 @@ class JobFlow:
         return self.store.history(job.id)
 
     def cancel(self, job_id: str, *, owner_id: str | None = None) -> Job:
-        """Fail a job that has not started (``awaiting_upload`` or ``queued``)."""
+        """Fail a job that has not started (``awaiting_upload`` or ``queued``) as
+        ``cancelled``; ask a running one to stop. A running job keeps its lease
+        and gets ``cancel_requested_at``: its worker learns of it when it renews
+        the lease and ends the attempt as ``failed`` (``cancelled``), unless the
+        handler finishes first. Asking again changes nothing. A finished job
+        refuses it (:class:`InvalidTransition`)."""
         return self._transition(
-            job_id, lambda job: states.apply(job, Event.CANCEL, self._evidence()), owner_id)
+            job_id, lambda job: states.cancel(job, self._evidence()), owner_id)
 
     def requeue(self, job_id: str) -> Job:
         """Admin: put a failed job back in the queue, after verifying its object again."""

@@ -44,6 +44,8 @@ class Event(enum.StrEnum):
     RELEASE = "release"
     CANCEL = "cancel"
     REQUEUE = "requeue"
+    #: Someone asked a running job to stop; it keeps its lease until its worker does.
+    REQUEST_CANCEL = "request_cancel"
 
 
 class ErrorCode(enum.StrEnum):

@@ -44,18 +44,23 @@ class JobStore(Protocol):
         ...
 
     def commit(self, change: Change) -> Job | None:
-        """Write ``change.after`` if the job still has ``change.before``'s status
-        and lease token, and append the history row; return the written job.
+        """Write ``change.after`` if the job still has ``change.before``'s status,
+        lease token and cancel request (``cancel_requested_at``), and append the
+        history row; return the written job.
 
-        Return None, writing nothing, when another writer got there first.
+        Return None, writing nothing, when another writer got there first. A
+        cancel request changes a running job without changing its lease, so a
+        lease holder's write decided before the request loses here and is
+        decided again on the job as it now is.
         """
         ...
 
     def commit_many(self, changes: Sequence[Change]) -> list[Job | None]:
         """:meth:`commit` for a batch of changes to distinct jobs, in one transaction.
 
-        Each change is its own compare-and-set on ``before.status`` and
-        ``before.lease_token`` with its own history row: result ``i`` is the
+        Each change is its own compare-and-set on ``before.status``,
+        ``before.lease_token`` and ``before.cancel_requested_at`` with its own
+        history row: result ``i`` is the
         job written for ``changes[i]``, or None when that change lost (and
         wrote nothing). One change losing never stops the others. Changes to
         the same job twice raise :class:`~jobflow.errors.InvalidInput`.

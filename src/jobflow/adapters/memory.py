@@ -87,7 +87,8 @@ class InMemoryJobStore(_Outage):
         assert change.before is not None
         current = self._jobs.get(change.before.id)
         if (current is None or current.status is not change.before.status
-                or current.lease_token != change.before.lease_token):
+                or current.lease_token != change.before.lease_token
+                or current.cancel_requested_at != change.before.cancel_requested_at):
             return None
         return self._append(change)
 

@@ -90,14 +90,18 @@ SELECT ... FROM created RETURNING job_id, seq) SELECT logged.seq FROM logged``."
 def compare_and_set(*, leased: bool) -> sa.Update:
     """``UPDATE jobflow_jobs SET owner_id = :job_owner_id, ..., history_length =
     history_length + 1 WHERE id = :expected_id AND status = :expected_status AND
-    lease_token = :expected_token RETURNING id, history_length``; ``lease_token
-    IS NULL`` instead when the change expects no lease (not ``leased``). No row
+    lease_token = :expected_token AND cancel_requested_at IS NOT DISTINCT FROM
+    :expected_cancel_requested_at RETURNING id, history_length`` (SQLite:
+    ``cancel_requested_at IS :expected_cancel_requested_at``); ``lease_token IS
+    NULL`` instead when the change expects no lease (not ``leased``). No row
     comes back when another writer got there first."""
     token = (jobs.c.lease_token == _param("expected_token", jobs.c.lease_token) if leased
              else jobs.c.lease_token.is_(None))
     return (sa.update(jobs)
             .where(jobs.c.id == _param("expected_id", jobs.c.id),
-                   jobs.c.status == _param("expected_status", jobs.c.status), token)
+                   jobs.c.status == _param("expected_status", jobs.c.status), token,
+                   jobs.c.cancel_requested_at.is_not_distinct_from(
+                       _param("expected_cancel_requested_at", jobs.c.cancel_requested_at)))
             .values({c.name: _param(f"job_{c.name}", c) for c in JOB_COLUMNS if c.name != "id"})
             .values(history_length=jobs.c.history_length + 1)
             .returning(jobs.c.id, jobs.c.history_length))
@@ -135,6 +139,8 @@ def postgres_commit_many(shape: BatchShape) -> sa.Select[Any]:
             WHERE id = batch.job_id AND id = ANY(CAST(:batch_job_id AS UUID[]))
               AND status = batch.expected_status
               AND lease_token IS NOT DISTINCT FROM batch.expected_token
+              AND cancel_requested_at IS NOT DISTINCT FROM
+                  batch.expected_cancel_requested_at
             RETURNING id, history_length, batch.event_event, ...),
         logged AS (
             INSERT INTO jobflow_job_events (job_id, seq, event, ...)
@@ -168,7 +174,9 @@ def postgres_commit_many(shape: BatchShape) -> sa.Select[Any]:
     changed = (
         sa.update(jobs)
         .where(*found, jobs.c.status == value["expected_status"],
-               jobs.c.lease_token.is_not_distinct_from(value["expected_token"]))
+               jobs.c.lease_token.is_not_distinct_from(value["expected_token"]),
+               jobs.c.cancel_requested_at.is_not_distinct_from(
+                   value["expected_cancel_requested_at"]))
         .values({name: value[f"job_{name}"] for name in shape.columns})
         .values(history_length=jobs.c.history_length + 1)
         .returning(jobs.c.id, jobs.c.history_length,
