@@ -31,7 +31,7 @@ from jobflow.errors import (
     UploadMissing,
     UploadRejected,
 )
-from jobflow.keys import new_job_id, parse_job_id, upload_key
+from jobflow.keys import default_worker_id, new_job_id, parse_job_id, upload_key
 from jobflow.logconfig import library_logger
 from jobflow.models import (
     Change,
@@ -519,13 +519,18 @@ class JobFlow:
 
     # -- housekeeping ---------------------------------------------------------------
 
-    def reconcile(self, *, limit: int = 500) -> ReconcileReport:
+    def reconcile(self, *, limit: int = 500, rescuer_id: str | None = None) -> ReconcileReport:
         """Adopt or expire waiting uploads and rescue jobs whose lease expired.
 
         Safe to run from many processes at once: every write is compare-and-set.
         An upload is queued only if the object store shows a valid object.
+        ``rescuer_id`` names this process in the history rows of its rescues
+        (default: ``host:pid:random``, as a worker's default id); the lost
+        worker is in their detail.
         """
         limit = _limit(limit, "limit", MAX_CLAIM_LIMIT)
+        rescuer_id = (default_worker_id() if rescuer_id is None
+                      else check_id(rescuer_id, "rescuer_id"))
         now = self.now()
         outcome: dict[str, list[str]] = {name: [] for name in (
             "adopted", "rejected", "expired", "rescued", "lease_failed", "unavailable")}
@@ -546,7 +551,7 @@ class JobFlow:
                          Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
                 self._discard_failed_upload(change)
         for job in self.store.expired_leases(now=now, limit=limit):
-            change = states.apply(job, Event.RESCUE, self._evidence(now))
+            change = states.apply(job, Event.RESCUE, self._evidence(now, worker_id=rescuer_id))
             if self._commit_quietly(change):
                 key = "rescued" if change.after.status is JobStatus.QUEUED else "lease_failed"
                 outcome[key].append(job.id)

@@ -46,11 +46,8 @@ Outcomes:
 
 from __future__ import annotations
 
-import os
 import queue
 import random
-import secrets
-import socket
 import tempfile
 import threading
 import time
@@ -73,6 +70,7 @@ from jobflow.errors import (
     StorageUnavailable,
 )
 from jobflow.flow import JobFlow, json_object
+from jobflow.keys import default_worker_id as default_worker_id  # also public here
 from jobflow.logconfig import library_logger
 from jobflow.models import (
     Claim,
@@ -116,11 +114,6 @@ class AttemptAbandoned(JobflowError):
         self.job_id = job_id
         self.reason = reason
         super().__init__(f"attempt on job {job_id} abandoned: {reason}")
-
-
-def default_worker_id() -> str:
-    """``host:pid:random``: unique per process, readable in history rows."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def error_message(exc: BaseException) -> str:
@@ -730,7 +723,7 @@ class Worker:
 
     def _reconcile_once(self) -> None:
         try:
-            report = self.flow.reconcile()
+            report = self.flow.reconcile(rescuer_id=self.worker_id)
         except StorageUnavailable as exc:
             self._log.warning("worker.reconcile_failed", error=str(exc))
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from datetime import datetime, timedelta
 
@@ -255,6 +257,25 @@ def test_a_rescued_worker_cannot_touch_the_job(
             call()
     assert flow.get(job_id) == before
     assert flow.succeed(live).status is JobStatus.DONE
+
+
+def test_a_rescue_names_the_process_that_rescued_and_the_worker_it_lost(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    named, unnamed = queued_job(flow, objects), queued_job(flow, objects)
+    flow.claim("w-lost", limit=2, lease_seconds=10)
+    clock.advance(11)
+    [first] = flow.store.expired_leases(now=clock.now, limit=1)
+    assert flow.reconcile(limit=1, rescuer_id="ops-cron").rescued == (first.id,)
+    assert flow.reconcile().rescued != ()
+    rows = {job_id: flow.history(job_id)[-1] for job_id in (named, unnamed)}
+    assert all(row.event is Event.RESCUE and row.detail == {"lost_worker": "w-lost"}
+               for row in rows.values())
+    second = unnamed if first.id == named else named
+    assert rows[first.id].worker_id == "ops-cron"
+    host, pid, _ = (rows[second].worker_id or "").split(":")
+    assert host == socket.gethostname() and pid == str(os.getpid())
+    with pytest.raises(InvalidInput, match="rescuer_id"):
+        flow.reconcile(rescuer_id="a\nb")
 
 
 def test_retry_backs_off_then_fails_when_attempts_run_out(

@@ -77,6 +77,7 @@ CALLS: dict[str, Any] = {
     "stuck uploads": lambda w, g: w.flow.stuck_uploads(older_than=g),
     "recent failures": lambda w, g: w.flow.recent_failures(within=g),
     "reconcile limit": lambda w, g: w.flow.reconcile(limit=g),
+    "reconcile rescuer": lambda w, g: w.flow.reconcile(rescuer_id=g),
 }
 
 

@@ -446,6 +446,9 @@ def test_periodic_reconcile_adopts_forgotten_uploads_and_rescues_dead_workers(
     assert [row.event for row in orphan_history][-4:-1] == [Event.CLAIM, Event.RESCUE,
                                                             Event.CLAIM]
     assert orphan_history[-4].worker_id == "worker-that-died"
+    rescue = orphan_history[-3]
+    assert (rescue.worker_id, rescue.detail) == (worker.worker_id,
+                                                 {"lost_worker": "worker-that-died"})
     assert orphan_history[-2].worker_id == worker.worker_id
 
 
