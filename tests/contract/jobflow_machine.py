@@ -253,7 +253,9 @@ class JobFlowMachine(RuleBasedStateMachine):
                 f"job {job.id} was handed to a worker but its object does not exist")
             verified = job.verified_object
             assert verified is not None, f"job {job.id} was handed out unverified"
-            assert S.POLICY.min_bytes <= verified.size <= S.POLICY.max_bytes
+            policy = S.LOOSE_POLICY if self.created_loose[job.id] else S.POLICY
+            assert policy.min_bytes <= verified.size <= policy.max_bytes, (
+                f"job {job.id} was handed out verified against a looser policy than its own")
         if len(claims) < limit:
             left = [j for j in self._jobs()
                     if j.status is JobStatus.QUEUED and j.run_at <= self.now]
@@ -433,6 +435,25 @@ class JobFlowMachine(RuleBasedStateMachine):
         assert job.status is JobStatus.QUEUED and job.attempts == 0
         assert job.upload_verified_at == self.now
         return None
+
+    @rule(error_code=S.failure_causes, via_loose=st.booleans())
+    def requeue_failed(self, error_code: str, via_loose: bool) -> None:
+        """Requeue every failed job of one cause, in pages of two: exactly those
+        whose object is acceptable now go back to the queue, the others stay."""
+        before = {job.id: job for job in self._jobs()}
+        report = self._flow(via_loose).requeue_failed(error_code, batch_size=2)
+        assert report.stopped is None and report.skipped == report.unavailable == ()
+        chosen = {job_id for job_id, job in before.items()
+                  if job.status is JobStatus.FAILED and job.error_code == error_code}
+        assert set(report.requeued) | set(report.still_failing) == chosen
+        for job_id, job in before.items():
+            after = self.flow.get(job_id)
+            if job_id in report.requeued:
+                assert self.acceptable(job_id, via_loose), "requeued an unacceptable upload"
+                assert after.status is JobStatus.QUEUED and after.upload_verified_at == self.now
+            else:
+                assert job_id not in chosen or not self.acceptable(job_id, via_loose)
+                assert after == job, "a job not requeued changed"
 
     # -- the invariants of DESIGN.md, after every step ---------------------------------
 
