@@ -330,6 +330,33 @@ def test_a_handler_that_finishes_despite_a_cancel_request_leaves_the_job_done(
     assert job.error_code is None
 
 
+def test_a_job_claimed_ahead_and_asked_to_stop_never_starts(make_flow: FlowFactory) -> None:
+    flow = make_flow()
+    quick, slow, ahead = queue_job(flow), queue_job(flow), queue_job(flow)
+    ran: list[str] = []
+    let_go = threading.Event()
+
+    def handler(job: Job, ctx: JobContext) -> None:
+        ran.append(job.id)
+        if job.id == slow:
+            let_go.wait(PATIENCE)
+
+    # The quick job makes handlers look short, so the worker claims one job ahead
+    # while the slow one runs.
+    worker = Worker(flow, handler, concurrency=1, **BRISK)
+    with running(worker):
+        wait_for(lambda: flow.get(ahead).status is JobStatus.QUICK_RUNNING,
+                 "the third job to be claimed ahead")
+        flow.cancel(ahead)
+        wait_for(lambda: events(flow, ahead)[-1] is Event.HEARTBEAT,
+                 "a lease renewal after the cancel request")
+        let_go.set()
+        wait_for(lambda: flow.get(ahead).status is JobStatus.FAILED, "the job to be cancelled")
+
+    assert ran == [quick, slow]
+    assert flow.get(ahead).error_code == "cancelled"
+
+
 def test_a_job_asked_to_stop_whose_worker_vanished_is_not_run_again(
         make_flow: FlowFactory) -> None:
     offset = [timedelta(0)]
