@@ -44,6 +44,10 @@ claim_limits = st.integers(min_value=1, max_value=3)
 #: How a worker ends an attempt in a batch (``JobFlow.finish_many``).
 OUTCOME_KINDS = ("succeeded", "retry", "fail", "release")
 outcome_kinds = st.sampled_from(OUTCOME_KINDS)
+#: Why a job failed (``Job.error_code``): what a bulk requeue picks jobs by.
+FAILURE_CAUSES = ("handler_error", "cancelled", "lease_expired", "upload_rejected",
+                  "upload_expired")
+failure_causes = st.sampled_from(FAILURE_CAUSES)
 #: Small steps, a lease's length, an upload deadline's length.
 clock_steps = st.sampled_from([1, 15, 61, 601, 3601])
 params = st.dictionaries(st.sampled_from(["width", "codec", "note"]),

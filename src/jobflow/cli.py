@@ -65,7 +65,9 @@ from jobflow.reporting import (
     job_list_as_json,
     job_list_lines,
     list_jobs,
+    purge_lines,
     reconcile_lines,
+    requeue_lines,
 )
 
 if TYPE_CHECKING:
@@ -154,6 +156,30 @@ class Seconds(click.FloatRange):
 
 seconds = Seconds(min=0, min_open=True, max=MAX_SECONDS)
 seconds_or_zero = Seconds(min=0, max=MAX_SECONDS)
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class Duration(click.ParamType[timedelta, Any]):
+    """A duration: seconds, or a number with a unit s, m, h or d (``90``, ``15m``, ``2d``)."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip().lower()
+        unit = _UNITS.get(text[-1:])
+        number = text[:-1] if unit is not None else text
+        try:
+            amount = float(number) * (unit or 1.0)
+        except ValueError:
+            amount = math.nan
+        if not math.isfinite(amount) or not 0 <= amount <= MAX_SECONDS:
+            self.fail(f"{value!r} is not a duration such as 90, 90s, 15m, 2h or 7d",
+                      param, ctx)
+        return timedelta(seconds=amount)
 
 DATABASE_OPTIONS = [
     env_option("--database-url", envvar="JOBFLOW_DATABASE_URL", metavar="URL",
@@ -652,18 +678,57 @@ def _print_job(job: Job, as_json: bool, before: str | None = None) -> None:
         _print("\n".join(job_lines(job)))
 
 
+class RequeueStopped(StorageUnavailable):
+    """``jobflow requeue --error-code``: a store failed midway; the pass stopped."""
+
+
 @cli.command()
-@job_id_argument()
+@click.argument("job_id", metavar="[JOB_ID]", required=False, callback=_job_id_text)
+@env_option("--error-code", envvar="JOBFLOW_REQUEUE_ERROR_CODE", metavar="CODE",
+            help="Instead of one job: every failed job with this error code, oldest first.")
+@env_option("--since", envvar="JOBFLOW_REQUEUE_SINCE", type=Duration(), metavar="DURATION",
+            help="With --error-code: only jobs that failed at most this long ago "
+                 "(seconds, or 15m, 2h, 7d). Default: whenever.")
+@env_option("--batch-size", envvar="JOBFLOW_REQUEUE_BATCH_SIZE",
+            type=click.IntRange(min=1, max=10_000), default=100, show_default=True,
+            help="With --error-code: failed jobs read per page.")
+@env_option("--limit", envvar="JOBFLOW_REQUEUE_LIMIT", type=click.IntRange(min=1),
+            help="With --error-code: look at this many jobs at most. Default: all.")
 @json_option
 @flow_options
-def requeue(options: FlowOptions, job_id: str, as_json: bool) -> int:
-    """Put a failed job back in the queue, after verifying its object again.
-    JOB_ID may be a unique prefix of the id (at least 4 hex digits)."""
+def requeue(options: FlowOptions, job_id: str | None, error_code: str | None,
+            since: timedelta | None, batch_size: int, limit: int | None,
+            as_json: bool) -> int:
+    """Put a failed job back in the queue, after verifying its object again. JOB_ID
+    may be a unique prefix of the id (at least 4 hex digits).
+
+    With --error-code instead of JOB_ID: requeue every failed job of that cause,
+    each verified again; a job whose object is missing or refused stays failed
+    (exit 6). An outage midway stops the pass cleanly (exit 5): every job is
+    either requeued or untouched, and running it again carries on.
+    """
+    if (job_id is None) == (error_code is None):
+        raise click.UsageError("give either JOB_ID or --error-code")
+    if error_code is None and (since is not None or limit is not None):
+        raise click.UsageError("--since and --limit go with --error-code")
     flow = options.open(create=False)
+    if error_code is not None:
+        return _requeue_failed(flow, error_code, since, batch_size, limit, as_json)
+    assert job_id is not None
     job_id = resolve_job_id(flow, job_id)
     before = flow.get(job_id).status.value
     _print_job(flow.requeue(job_id), as_json, before)
     return ExitCode.OK
+
+
+def _requeue_failed(flow: JobFlow, error_code: str, since: timedelta | None,
+                    batch_size: int, limit: int | None, as_json: bool) -> int:
+    report = flow.requeue_failed(error_code, since=since, batch_size=batch_size, limit=limit)
+    _print(dumps(attrs.asdict(report)) if as_json else "\n".join(requeue_lines(report)))
+    if report.stopped is not None:
+        raise RequeueStopped(f"stopped after requeuing {len(report.requeued)} jobs, a store "
+                             f"is unavailable: {report.stopped}; run it again to carry on")
+    return ExitCode.UPLOAD_PROBLEM if report.still_failing else ExitCode.OK
 
 
 @cli.command()
@@ -671,38 +736,57 @@ def requeue(options: FlowOptions, job_id: str, as_json: bool) -> int:
 @json_option
 @store_options
 def cancel(options: FlowOptions, job_id: str, as_json: bool) -> int:
-    """Fail a job that has not started (awaiting_upload or queued). JOB_ID may be
-    a unique prefix of the id (at least 4 hex digits)."""
+    """Fail a job that has not started (awaiting_upload or queued); ask a running
+    one to stop (its worker ends it as cancelled at its next lease renewal).
+    JOB_ID may be a unique prefix of the id (at least 4 hex digits)."""
     flow = options.open(create=False)
     job_id = resolve_job_id(flow, job_id)
-    before = flow.get(job_id).status.value
-    _print_job(flow.cancel(job_id), as_json, before)
+    before = flow.get(job_id)
+    job = flow.cancel(job_id)
+    if as_json:
+        _print(dumps(job_as_json(job)))
+    elif job.status is JobStatus.QUICK_RUNNING:
+        again = " already" if before.cancel_requested_at is not None else ""
+        _print(f"job {job.id}: cancel{again} requested (quick_running; its worker "
+               "stops it at its next lease renewal)")
+    else:
+        _print(f"job {job.id}: {before.status.value} -> {job.status.value} (cancelled)")
     return ExitCode.OK
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+@cli.command()
+@env_option("--finished-before", envvar="JOBFLOW_PURGE_FINISHED_BEFORE", type=Duration(),
+            metavar="DURATION", required=True,
+            help="Delete the jobs that finished (done or failed) at least this long ago: "
+                 "seconds, or 15m, 2h, 30d.")
+@env_option("--batch-size", envvar="JOBFLOW_PURGE_BATCH_SIZE",
+            type=click.IntRange(min=1, max=10_000), default=500, show_default=True,
+            help="Jobs deleted per transaction.")
+@env_option("--delete-objects/--keep-objects", envvar="JOBFLOW_PURGE_DELETE_OBJECTS",
+            default=False, show_default=True,
+            help="Also delete each purged job's object, once its row is gone.")
+@env_option("--dry-run", envvar="JOBFLOW_PURGE_DRY_RUN", is_flag=True,
+            help="Count what would be deleted; delete nothing.")
+@json_option
+@store_options
+def purge(options: FlowOptions, finished_before: timedelta, batch_size: int,
+          delete_objects: bool, dry_run: bool, as_json: bool) -> int:
+    """Delete finished jobs and their history, in short batches; never a job that
+    is not done or failed.
 
-
-class Duration(click.ParamType[timedelta, Any]):
-    """A duration: seconds, or a number with a unit s, m, h or d (``90``, ``15m``, ``2d``)."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        text = str(value).strip().lower()
-        unit = _UNITS.get(text[-1:])
-        number = text[:-1] if unit is not None else text
-        try:
-            amount = float(number) * (unit or 1.0)
-        except ValueError:
-            amount = math.nan
-        if not math.isfinite(amount) or not 0 <= amount <= MAX_SECONDS:
-            self.fail(f"{value!r} is not a duration such as 90, 90s, 15m, 2h or 7d",
-                      param, ctx)
-        return timedelta(seconds=amount)
+    With --delete-objects each job's object is deleted after its row: an object
+    that cannot be deleted is listed and left for the bucket's lifecycle rules
+    (exit 5), never a job left without its object.
+    """
+    flow = options.open(create=False)
+    report = flow.purge(finished_before, batch_size=batch_size,
+                        delete_objects=delete_objects, dry_run=dry_run)
+    _print(dumps(attrs.asdict(report)) if as_json else "\n".join(purge_lines(report)))
+    if report.objects_failed:
+        click.echo(f"jobflow: warning: {len(report.objects_failed)} objects of purged jobs "
+                   "could not be deleted", err=True)
+        return ExitCode.STORAGE_UNAVAILABLE
+    return ExitCode.OK
 
 
 @cli.command()

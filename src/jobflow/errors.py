@@ -22,7 +22,8 @@ translate driver errors (SQLAlchemy, botocore, OS errors) into this tree with
     ├── ObjectChanged
     ├── StorageUnavailable
     ├── PermanentStorageError
-    └── PermanentJobError
+    ├── PermanentJobError
+    └── JobCancelled
 
 Whether a failure is worth retrying is part of its class:
 :class:`StorageUnavailable` means the outside world failed and the same call
@@ -175,3 +176,17 @@ class PermanentJobError(JobflowError):
     def __init__(self, message: str, *, error_code: str | None = None) -> None:
         self.error_code = error_code
         super().__init__(message)
+
+
+class JobCancelled(JobflowError):
+    """Someone asked this running job to stop (``JobFlow.cancel``, ``jobflow cancel``).
+
+    Raised inside a handler by ``ctx.heartbeat()`` and ``ctx.check()`` once the
+    worker has learned of the request. Let it propagate: the attempt ends as
+    ``failed`` with error code ``cancelled``. A handler that catches it and
+    returns a result finishes the job as ``done`` (the work is complete).
+    """
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} was asked to stop")

@@ -31,7 +31,7 @@ from jobflow.errors import (
     UploadMissing,
     UploadRejected,
 )
-from jobflow.keys import new_job_id, parse_job_id, upload_key
+from jobflow.keys import default_worker_id, new_job_id, parse_job_id, upload_key
 from jobflow.logconfig import library_logger
 from jobflow.models import (
     Change,
@@ -44,8 +44,10 @@ from jobflow.models import (
     JobStatus,
     JSONDict,
     Outcome,
+    PurgeReport,
     ReconcileReport,
     Released,
+    RequeueReport,
     Succeeded,
     UploadPolicy,
     UploadTicket,
@@ -73,6 +75,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MAX_ROUNDS = 5
 #: The longest lease a claim or heartbeat may ask for (a week): longer is a mistake.
 MAX_LEASE_SECONDS = 7 * 24 * 3600.0
+#: Where a bulk requeue without ``since`` starts: before any job finished, and
+#: the smallest job id.
+_BEGINNING = (datetime(1970, 1, 1, tzinfo=UTC), "00000000-0000-0000-0000-000000000000")
 
 #: A decision on a lease holder's job, given the evidence.
 _Decide = Callable[[Job, states.Evidence], Change]
@@ -227,9 +232,10 @@ class JobFlow:
                              change.worker_id)
         return job
 
-    def _transition(self, job_id: str, decide: Callable[[Job], Change],
+    def _transition(self, job_id: str, decide: Callable[[Job], Change | None],
                     owner_id: str | None = None, *, snapshot: Job | None = None) -> Job:
         """Decide and compare-and-set, re-deciding on a fresh read after a lost race.
+        A decision of None means the job already is as asked: nothing is written.
 
         ``snapshot`` is a copy the caller already holds (a worker's claim): the
         first round decides on it without reading, and the compare-and-set
@@ -238,7 +244,10 @@ class JobFlow:
         for _ in range(_MAX_ROUNDS):
             job = snapshot if snapshot is not None else self.get(job_id, owner_id=owner_id)
             snapshot = None
-            written = self.store.commit(change := decide(job))
+            change = decide(job)
+            if change is None:
+                return job
+            written = self.store.commit(change)
             if written is not None:
                 return self._logged(change, written)
         raise StorageUnavailable(f"job {job_id} kept changing under {_MAX_ROUNDS} attempts")
@@ -325,18 +334,26 @@ class JobFlow:
         return self.store.history(job.id)
 
     def cancel(self, job_id: str, *, owner_id: str | None = None) -> Job:
-        """Fail a job that has not started (``awaiting_upload`` or ``queued``)."""
+        """Fail a job that has not started (``awaiting_upload`` or ``queued``) as
+        ``cancelled``; ask a running one to stop. A running job keeps its lease
+        and gets ``cancel_requested_at``: its worker learns of it when it renews
+        the lease and ends the attempt as ``failed`` (``cancelled``), unless the
+        handler finishes first. Asking again changes nothing. A finished job
+        refuses it (:class:`InvalidTransition`)."""
         return self._transition(
-            job_id, lambda job: states.apply(job, Event.CANCEL, self._evidence()), owner_id)
+            job_id, lambda job: states.cancel(job, self._evidence()), owner_id)
 
     def requeue(self, job_id: str) -> Job:
         """Admin: put a failed job back in the queue, after verifying its object again."""
-        def decide(job: Job) -> Change:
-            if (Event.REQUEUE, job.status) not in states.TABLE:
-                raise InvalidTransition(job.id, job.status.value, Event.REQUEUE.value)
-            return states.apply(job, Event.REQUEUE,
-                                self._evidence(obj=self.objects.head(job.key)))
-        return self._transition(job_id, decide)
+        return self._transition(job_id, self._requeue_decision)
+
+    def _requeue_decision(self, job: Job, error_code: str | None = None) -> Change:
+        """Requeue ``job`` (only if it failed with ``error_code``, when given) on the
+        object store's HEAD, taken now: an old verification is never trusted."""
+        if (Event.REQUEUE, job.status) not in states.TABLE or (
+                error_code is not None and job.error_code != error_code):
+            raise InvalidTransition(job.id, job.status.value, Event.REQUEUE.value)
+        return states.apply(job, Event.REQUEUE, self._evidence(obj=self.objects.head(job.key)))
 
     def counts(self) -> dict[JobStatus, int]:
         return self.store.counts()
@@ -510,13 +527,18 @@ class JobFlow:
 
     # -- housekeeping ---------------------------------------------------------------
 
-    def reconcile(self, *, limit: int = 500) -> ReconcileReport:
+    def reconcile(self, *, limit: int = 500, rescuer_id: str | None = None) -> ReconcileReport:
         """Adopt or expire waiting uploads and rescue jobs whose lease expired.
 
         Safe to run from many processes at once: every write is compare-and-set.
         An upload is queued only if the object store shows a valid object.
+        ``rescuer_id`` names this process in the history rows of its rescues
+        (default: ``host:pid:random``, as a worker's default id); the lost
+        worker is in their detail.
         """
         limit = _limit(limit, "limit", MAX_CLAIM_LIMIT)
+        rescuer_id = (default_worker_id() if rescuer_id is None
+                      else check_id(rescuer_id, "rescuer_id"))
         now = self.now()
         outcome: dict[str, list[str]] = {name: [] for name in (
             "adopted", "rejected", "expired", "rescued", "lease_failed", "unavailable")}
@@ -537,7 +559,7 @@ class JobFlow:
                          Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
                 self._discard_failed_upload(change)
         for job in self.store.expired_leases(now=now, limit=limit):
-            change = states.apply(job, Event.RESCUE, self._evidence(now))
+            change = states.apply(job, Event.RESCUE, self._evidence(now, worker_id=rescuer_id))
             if self._commit_quietly(change):
                 key = "rescued" if change.after.status is JobStatus.QUEUED else "lease_failed"
                 outcome[key].append(job.id)
@@ -545,6 +567,140 @@ class JobFlow:
         if report.total or report.unavailable:
             self._log.info("reconcile.done", **{k: len(v) for k, v in outcome.items()})
         return report
+
+    # -- retention and bulk recovery ------------------------------------------------
+
+    def _cutoff(self, value: Any, what: str) -> datetime:
+        """A moment in the past: ``value`` ago (a timedelta), or ``value`` itself
+        (an aware datetime)."""
+        if isinstance(value, datetime):
+            if value.tzinfo is None or value.utcoffset() is None:
+                raise InvalidInput(f"{what} must be timezone-aware, got {value!r}")
+            return value
+        return self.now() - _duration(value, what)
+
+    def purge(self, finished_before: timedelta | datetime, *, batch_size: int = 500,
+              delete_objects: bool = False, dry_run: bool = False) -> PurgeReport:
+        """Delete the finished jobs (``done`` and ``failed``) that finished before
+        ``finished_before`` (a moment, or a timedelta: that long ago), with their
+        history, in batches of ``batch_size``, each its own short transaction. A
+        job that is not finished is never deleted, nor one requeued meanwhile.
+
+        With ``delete_objects``, each deleted job's object is deleted too, after
+        its row is gone: a failure then leaves an orphan object, never a job
+        whose object vanished. A failed object delete is logged and reported
+        (``objects_failed``), not fatal; once the object store reports itself
+        unavailable no further object is tried (each is reported). With
+        ``dry_run``, nothing is deleted: the report counts what would be.
+        """
+        cutoff = self._cutoff(finished_before, "finished_before")
+        batch_size = _limit(batch_size, "batch_size", MAX_CLAIM_LIMIT)
+        jobs = events = 0
+        if dry_run:
+            for status in (JobStatus.DONE, JobStatus.FAILED):
+                found, history = self.store.count_finished(status=status,
+                                                           finished_before=cutoff)
+                jobs, events = jobs + found, events + history
+            return PurgeReport(finished_before=cutoff, jobs=jobs, events=events, dry_run=True)
+        deleted = 0
+        failed: list[str] = []
+        objects_down = False
+        for status in (JobStatus.DONE, JobStatus.FAILED):
+            while True:
+                batch = self.store.purge_finished(status=status, finished_before=cutoff,
+                                                  limit=batch_size)
+                jobs, events = jobs + len(batch.jobs), events + batch.events
+                for job in batch.jobs if delete_objects else ():
+                    result = "unavailable" if objects_down else self._delete_object(job)
+                    objects_down = result == "unavailable"
+                    if result == "deleted":
+                        deleted += 1
+                    else:
+                        failed.append(job.key)
+                if len(batch.jobs) < batch_size:
+                    break
+        report = PurgeReport(finished_before=cutoff, jobs=jobs, events=events,
+                             objects_deleted=deleted, objects_failed=tuple(failed))
+        self._log.info("purge.done", finished_before=cutoff.isoformat(), jobs=jobs,
+                       events=events, objects_deleted=deleted, objects_failed=len(failed))
+        return report
+
+    def _delete_object(self, job: Job) -> str:
+        """Delete a purged job's object: ``deleted``, ``failed``, or ``unavailable``
+        (the object store reports itself down: the purge tries no more)."""
+        if job.bucket != self.objects.bucket:  # never delete a key in the wrong bucket
+            self._log.warning("purge.object_elsewhere", job_id=job.id, bucket=job.bucket,
+                              key=job.key)
+            return "failed"
+        try:
+            self.objects.delete(job.key)
+        except JobflowError as exc:
+            self._log.warning("purge.object_delete_failed", job_id=job.id, key=job.key,
+                              error=str(exc))
+            return "unavailable" if isinstance(exc, StorageUnavailable) else "failed"
+        return "deleted"
+
+    def requeue_failed(self, error_code: str, *, since: timedelta | None = None,
+                       batch_size: int = 100, limit: int | None = None) -> RequeueReport:
+        """Admin: requeue the failed jobs of one cause (``error_code``) that failed
+        in the last ``since`` (default: whenever), oldest first, verifying each
+        object again as :meth:`requeue` does; at most ``limit`` jobs (default:
+        all), read in pages of ``batch_size``.
+
+        A job whose object is missing or breaks its policy stays failed
+        (``still_failing``). When a store is unavailable the pass stops there,
+        cleanly (``stopped`` says why; the job at hand is in ``unavailable``):
+        each requeue is one compare-and-set, so no job is half-written, and
+        running it again carries on.
+        """
+        error_code = check_id(error_code, "error_code")
+        batch_size = _limit(batch_size, "batch_size", MAX_CLAIM_LIMIT)
+        if limit is not None:
+            limit = _limit(limit, "limit", 10**9)
+        cursor = _BEGINNING if since is None else (
+            self.now() - _duration(since, "since"), _BEGINNING[1])
+        outcome: dict[str, list[str]] = {name: [] for name in (
+            "requeued", "still_failing", "skipped", "unavailable")}
+        stopped: str | None = None
+        seen = 0
+        at_hand: str | None = None
+        # Jobs that fail again while the pass runs are not its business: it would
+        # chase them for as long as they fail.
+        until = self.now()
+        try:
+            while limit is None or seen < limit:
+                page_size = batch_size if limit is None else min(batch_size, limit - seen)
+                page = [job for job in self.store.failed_after(
+                    error_code=error_code, after=cursor, limit=page_size)
+                    if job.finished_at is not None and job.finished_at <= until]
+                for job in page:
+                    at_hand = job.id
+                    outcome[self._requeue_one(job.id, error_code)].append(job.id)
+                    at_hand = None
+                seen += len(page)
+                if len(page) < page_size:
+                    break
+                cursor = (page[-1].finished_at or cursor[0], page[-1].id)
+        except StorageUnavailable as exc:
+            stopped = str(exc)
+            outcome["unavailable"] += [at_hand] if at_hand is not None else []
+            self._log.warning("requeue_failed.stopped", error_code=error_code, error=stopped,
+                              requeued=len(outcome["requeued"]))
+        report = RequeueReport(error_code=error_code, stopped=stopped,
+                               **{name: tuple(ids) for name, ids in outcome.items()})
+        self._log.info("requeue_failed.done", error_code=error_code,
+                       **{name: len(ids) for name, ids in outcome.items()})
+        return report
+
+    def _requeue_one(self, job_id: str, error_code: str) -> str:
+        """Requeue one job of a bulk requeue; which outcome of the report it is."""
+        try:
+            self._transition(job_id, lambda job: self._requeue_decision(job, error_code))
+        except (UploadMissing, UploadRejected):
+            return "still_failing"
+        except (InvalidTransition, JobNotFound):
+            return "skipped"  # changed (or purged) since it was listed
+        return "requeued"
 
     def _discard_failed_upload(self, change: Change) -> None:
         """Delete a rejected or expired upload's object when the policy asks for it.

@@ -1,7 +1,11 @@
-"""Object keys: derived from job ids only, and checked before any store sees them."""
+"""Ids and object keys: job ids, the process ids written in histories, and object
+keys derived from job ids only and checked before any store sees them."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import uuid
 
 from jobflow.errors import InvalidInput, MalformedJobId
@@ -12,6 +16,12 @@ MAX_KEY_LENGTH = 1024
 
 def new_job_id() -> str:
     return str(uuid.uuid4())
+
+
+def default_worker_id() -> str:
+    """``host:pid:random``: unique per call, and says which process wrote a history
+    row (a worker's claims and outcomes, a reconcile's rescues)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def parse_job_id(job_id: object) -> str:

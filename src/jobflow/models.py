@@ -44,6 +44,8 @@ class Event(enum.StrEnum):
     RELEASE = "release"
     CANCEL = "cancel"
     REQUEUE = "requeue"
+    #: Someone asked a running job to stop; it keeps its lease until its worker does.
+    REQUEST_CANCEL = "request_cancel"
 
 
 class ErrorCode(enum.StrEnum):
@@ -318,6 +320,13 @@ def check_batch(changes: Sequence[Change]) -> None:
         raise InvalidInput("commit_many takes at most one change per job")
 
 
+def check_finished_status(status: JobStatus) -> JobStatus:
+    """What every store refuses to purge: a status other than ``done`` or ``failed``."""
+    if status not in (JobStatus.DONE, JobStatus.FAILED):
+        raise InvalidInput(f"only finished jobs (done, failed) are purged, not {status!r}")
+    return status
+
+
 @attrs.frozen
 class ReconcileReport:
     """What one ``reconcile`` pass did, as job ids per outcome."""
@@ -335,3 +344,49 @@ class ReconcileReport:
             len(self.adopted) + len(self.rejected) + len(self.expired)
             + len(self.rescued) + len(self.lease_failed)
         )
+
+
+@attrs.frozen
+class Purged:
+    """What one batch of a purge deleted: the jobs, and how many history rows
+    went with them."""
+
+    jobs: tuple[Job, ...] = ()
+    events: int = 0
+
+
+@attrs.frozen
+class PurgeReport:
+    """What ``JobFlow.purge`` deleted (with ``dry_run``: would delete).
+
+    ``objects_failed`` holds the keys of objects that could not be deleted: their
+    jobs are gone, so the bucket's lifecycle rules or a person must remove them.
+    """
+
+    finished_before: datetime
+    jobs: int = 0
+    events: int = 0
+    objects_deleted: int = 0
+    objects_failed: tuple[str, ...] = ()
+    dry_run: bool = False
+
+
+@attrs.frozen
+class RequeueReport:
+    """What ``JobFlow.requeue_failed`` did with the failed jobs of one cause, as
+    job ids per outcome.
+
+    ``still_failing``: the object is missing or breaks the job's policy, so the
+    job stays failed. ``skipped``: the job changed since it was listed (requeued
+    by someone else, or failed again for another cause). ``unavailable``: a
+    store failed while this job was handled; it was left as it was, and the
+    pass stopped there (``stopped`` says why). Nothing is half-written: each
+    requeue is one compare-and-set.
+    """
+
+    error_code: str
+    requeued: tuple[str, ...] = ()
+    still_failing: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    unavailable: tuple[str, ...] = ()
+    stopped: str | None = None

@@ -12,7 +12,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from jobflow.models import Change, Claim, Job, JobEvent, JobStatus, ObjectInfo, PresignedUpload
+from jobflow.models import (
+    Change,
+    Claim,
+    Job,
+    JobEvent,
+    JobStatus,
+    ObjectInfo,
+    PresignedUpload,
+    Purged,
+)
 
 
 @runtime_checkable
@@ -44,18 +53,23 @@ class JobStore(Protocol):
         ...
 
     def commit(self, change: Change) -> Job | None:
-        """Write ``change.after`` if the job still has ``change.before``'s status
-        and lease token, and append the history row; return the written job.
+        """Write ``change.after`` if the job still has ``change.before``'s status,
+        lease token and cancel request (``cancel_requested_at``), and append the
+        history row; return the written job.
 
-        Return None, writing nothing, when another writer got there first.
+        Return None, writing nothing, when another writer got there first. A
+        cancel request changes a running job without changing its lease, so a
+        lease holder's write decided before the request loses here and is
+        decided again on the job as it now is.
         """
         ...
 
     def commit_many(self, changes: Sequence[Change]) -> list[Job | None]:
         """:meth:`commit` for a batch of changes to distinct jobs, in one transaction.
 
-        Each change is its own compare-and-set on ``before.status`` and
-        ``before.lease_token`` with its own history row: result ``i`` is the
+        Each change is its own compare-and-set on ``before.status``,
+        ``before.lease_token`` and ``before.cancel_requested_at`` with its own
+        history row: result ``i`` is the
         job written for ``changes[i]``, or None when that change lost (and
         wrote nothing). One change losing never stops the others. Changes to
         the same job twice raise :class:`~jobflow.errors.InvalidInput`.
@@ -93,6 +107,33 @@ class JobStore(Protocol):
     def failed_since(self, *, since: datetime, limit: int) -> list[Job]:
         """Jobs in ``failed`` whose ``finished_at`` is at or after ``since``,
         most recently finished first (for monitoring)."""
+        ...
+
+    # -- retention and bulk recovery ---------------------------------------------------
+
+    def purge_finished(self, *, status: JobStatus, finished_before: datetime,
+                       limit: int) -> Purged:
+        """Delete up to ``limit`` jobs in ``status`` (``done`` or ``failed``; any
+        other status raises :class:`~jobflow.errors.InvalidInput`) whose
+        ``finished_at`` is before ``finished_before``, oldest first, with their
+        history, in one short transaction; return what was deleted.
+
+        The delete itself checks the status and ``finished_at`` again, so a job
+        that changed meanwhile (requeued, say) is never deleted; on PostgreSQL a
+        job another transaction holds locked is skipped, left to the next call.
+        """
+        ...
+
+    def count_finished(self, *, status: JobStatus, finished_before: datetime) -> tuple[int, int]:
+        """How many jobs :meth:`purge_finished` would delete now with no limit,
+        and how many history rows they have (a purge's dry run)."""
+        ...
+
+    def failed_after(self, *, error_code: str, after: tuple[datetime, str],
+                     limit: int) -> list[Job]:
+        """Up to ``limit`` jobs in ``failed`` with ``error_code`` whose
+        ``(finished_at, id)`` comes after ``after``, in that order: one page of
+        a bulk requeue, ``after`` being the last job of the previous page."""
         ...
 
 

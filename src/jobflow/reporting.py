@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from jobflow.flow import JobFlow
-from jobflow.models import Job, JobEvent, JobStatus, ReconcileReport
+from jobflow.models import (
+    Job,
+    JobEvent,
+    JobStatus,
+    PurgeReport,
+    ReconcileReport,
+    RequeueReport,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -174,6 +181,33 @@ def reconcile_lines(report: ReconcileReport) -> list[str]:
     out = [", ".join(f"{name} {len(ids)}" for name, ids in outcome.items())]
     for name, ids in outcome.items():
         out += [f"  {name}: {job_id}" for job_id in ids]
+    return out
+
+
+def purge_lines(report: PurgeReport) -> list[str]:
+    """What a purge deleted (or, as a dry run, would delete)."""
+    verb = "would delete" if report.dry_run else "deleted"
+    out = [f"{verb} {report.jobs} finished jobs (done or failed before "
+           f"{format_time(report.finished_before)}) and {report.events} history rows"]
+    if report.objects_deleted or report.objects_failed:
+        out.append(f"objects deleted {report.objects_deleted}, "
+                   f"not deleted {len(report.objects_failed)}")
+        out += [f"  not deleted: {key}" for key in report.objects_failed[:LISTED]]
+        if len(report.objects_failed) > LISTED:
+            out.append(f"  ... and {len(report.objects_failed) - LISTED} more (--json lists "
+                       "them all)")
+    return out
+
+
+def requeue_lines(report: RequeueReport) -> list[str]:
+    """What a bulk requeue did with the failed jobs of one cause."""
+    outcome = {name: ids for name, ids in attrs.asdict(report).items()
+               if name not in ("error_code", "stopped")}
+    out = [f"error code {report.error_code}: "
+           + ", ".join(f"{name.replace('_', ' ')} {len(ids)}" for name, ids in outcome.items())]
+    for name, ids in outcome.items():
+        if name != "requeued":
+            out += [f"  {name.replace('_', ' ')}: {job_id}" for job_id in ids]
     return out
 
 

@@ -74,10 +74,12 @@ TRANSITIONS = [
     _t(Event.SUCCEED, RUNNING, DONE, ["holds_lease"]),
     _t(Event.RETRY, RUNNING, QUEUED, ["holds_lease", "should_retry"]),
     _t(Event.FAIL, RUNNING, FAILED, ["holds_lease"], ["should_retry"]),
-    _t(Event.RESCUE, RUNNING, QUEUED, ["lease_expired", "has_attempts_left"]),
-    _t(Event.RESCUE, RUNNING, FAILED, ["lease_expired"], ["has_attempts_left"]),
-    _t(Event.RELEASE, RUNNING, QUEUED, ["holds_lease"]),
+    _t(Event.RESCUE, RUNNING, QUEUED, ["lease_expired", "may_run_again"]),
+    _t(Event.RESCUE, RUNNING, FAILED, ["lease_expired"], ["may_run_again"]),
+    _t(Event.RELEASE, RUNNING, QUEUED, ["holds_lease"], ["cancel_requested"]),
+    _t(Event.RELEASE, RUNNING, FAILED, ["holds_lease", "cancel_requested"]),
     _t(Event.CANCEL, [AWAITING, QUEUED], FAILED),
+    _t(Event.REQUEST_CANCEL, RUNNING, RUNNING, [], ["cancel_requested"]),
     _t(Event.REQUEUE, FAILED, QUEUED, ["object_acceptable"]),
 ]
 
@@ -175,8 +177,14 @@ def rejection_reason(job: Job, obj: ObjectInfo, policy: UploadPolicy) -> str | N
     return None
 
 
+def _may_run_again(job: Job, ev: Evidence) -> bool:
+    """Whether a running job may go back to the queue: attempts are left and
+    nobody asked it to stop (a cancel request ends it whatever else happens)."""
+    return job.attempts < job.max_attempts and job.cancel_requested_at is None
+
+
 def _should_retry(job: Job, ev: Evidence) -> bool:
-    return ev.retryable and job.attempts < job.max_attempts
+    return ev.retryable and _may_run_again(job, ev)
 
 
 GUARDS: Mapping[str, Callable[[Job, Evidence], bool]] = MappingProxyType({
@@ -188,6 +196,8 @@ GUARDS: Mapping[str, Callable[[Job, Evidence], bool]] = MappingProxyType({
     "upload_verified": lambda job, ev: job.upload_verified_at is not None,
     "is_due": lambda job, ev: job.run_at <= ev.now,
     "has_attempts_left": lambda job, ev: job.attempts < job.max_attempts,
+    "may_run_again": _may_run_again,
+    "cancel_requested": lambda job, ev: job.cancel_requested_at is not None,
     "holds_lease": lambda job, ev: ev.token is not None and ev.token == job.lease_token,
     "should_retry": _should_retry,
     "lease_expired": lambda job, ev: (
@@ -238,6 +248,15 @@ def _object_detail(obj: ObjectInfo | None) -> JSONDict:
         return {}
     return {"size": obj.size, "content_type": obj.content_type, "etag": obj.etag,
             "version_id": obj.version_id, "sha256": obj.sha256}
+
+
+def _failure_code(job: Job, code: str | None) -> str:
+    """The error code a failed attempt leaves: ``cancelled`` when someone asked
+    the job to stop (the handler's own error stays in the message), else
+    ``code`` (default ``handler_error``)."""
+    if job.cancel_requested_at is not None:
+        return ErrorCode.CANCELLED.value
+    return code or ErrorCode.HANDLER_ERROR.value
 
 
 def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDict]:
@@ -294,12 +313,11 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
                  "retry_in_seconds": delay.total_seconds()},
             )
         case Event.FAIL, _:
+            code = _failure_code(job, ev.error_code)
             return (
-                {**_LEASE_FREE, "finished_at": now,
-                 "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
+                {**_LEASE_FREE, "finished_at": now, "error_code": code,
                  "error_message": ev.error},
-                {"error": ev.error, "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
-                 "retryable": ev.retryable},
+                {"error": ev.error, "error_code": code, "retryable": ev.retryable},
             )
         case Event.RESCUE, JobStatus.QUEUED:
             return (
@@ -308,11 +326,19 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
                 {"lost_worker": job.lease_owner},
             )
         case Event.RESCUE, _:
+            why = "cancel requested" if job.cancel_requested_at else "no attempts left"
             return (
                 {**_LEASE_FREE, "finished_at": now,
-                 "error_code": ErrorCode.LEASE_EXPIRED.value,
-                 "error_message": f"lease of worker {job.lease_owner} expired, no attempts left"},
+                 "error_code": _failure_code(job, ErrorCode.LEASE_EXPIRED.value),
+                 "error_message": f"lease of worker {job.lease_owner} expired, {why}"},
                 {"lost_worker": job.lease_owner},
+            )
+        case Event.RELEASE, JobStatus.FAILED:
+            # Handed back unfinished after someone asked it to stop: it ends here.
+            return (
+                {**_LEASE_FREE, "finished_at": now, "error_code": ErrorCode.CANCELLED.value,
+                 "error_message": "cancelled"},
+                {"reason": ev.error or "worker shutting down"},
             )
         case Event.RELEASE, _:
             # A worker shutting down hands the job back: not a failed attempt.
@@ -326,12 +352,14 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
                  "finished_at": now},
                 {},
             )
+        case Event.REQUEST_CANCEL, _:
+            return {"cancel_requested_at": now}, {}
         case Event.REQUEUE, _:
             assert obj is not None
             return (
                 {**_verified(obj, now), "attempts": 0, "run_at": now, "finished_at": None,
                  "error_code": None, "error_message": None, "result": None,
-                 "started_at": None},
+                 "started_at": None, "cancel_requested_at": None},
                 {**_object_detail(obj), "previous_error": job.error_code},
             )
     raise AssertionError(f"no effects defined for {edge}")  # pragma: no cover
@@ -384,6 +412,17 @@ def settle_upload(job: Job, ev: Evidence) -> Change:
 def finish_with_error(job: Job, ev: Evidence) -> Change:
     """A handler error: retry with backoff while allowed, otherwise fail."""
     return apply_first(job, (Event.RETRY, Event.FAIL), ev)
+
+
+def cancel(job: Job, ev: Evidence) -> Change | None:
+    """An operator's cancel. A job that has not started fails as ``cancelled``; a
+    running one is asked to stop (``request_cancel``): it keeps its lease, and
+    its worker ends the attempt. None when the running job was asked already:
+    the first request stands and there is nothing to write. A finished job
+    refuses it (:class:`InvalidTransition`)."""
+    if job.status is RUNNING and job.cancel_requested_at is not None:
+        return None
+    return apply_first(job, (Event.CANCEL, Event.REQUEST_CANCEL), ev)
 
 
 def upload_error(change: Change) -> UploadError | None:

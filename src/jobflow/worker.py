@@ -35,6 +35,10 @@ Outcomes:
   exponential backoff and jitter while attempts remain;
 - it runs past ``job_timeout``: the attempt fails with error code
   ``handler_timeout`` (and is retried while attempts remain);
+- someone asked the job to stop (``JobFlow.cancel``): the lease renewal tells
+  the worker, ``ctx.cancel_requested`` turns true and ``ctx.heartbeat()``
+  raises :class:`~jobflow.errors.JobCancelled`; unless the handler succeeds
+  anyway, the job ends ``failed`` with error code ``cancelled``;
 - the worker is stopped: running handlers get ``shutdown_grace`` seconds to
   finish, then their jobs are released back to ``queued`` without spending
   an attempt.
@@ -42,11 +46,8 @@ Outcomes:
 
 from __future__ import annotations
 
-import os
 import queue
 import random
-import secrets
-import socket
 import tempfile
 import threading
 import time
@@ -61,6 +62,7 @@ import structlog
 from jobflow.errors import (
     ConfigurationError,
     InvalidInput,
+    JobCancelled,
     JobflowError,
     LeaseLost,
     ObjectChanged,
@@ -68,9 +70,11 @@ from jobflow.errors import (
     StorageUnavailable,
 )
 from jobflow.flow import JobFlow, json_object
+from jobflow.keys import default_worker_id as default_worker_id  # also public here
 from jobflow.logconfig import library_logger
 from jobflow.models import (
     Claim,
+    ErrorCode,
     Failed,
     Job,
     JobStatus,
@@ -112,11 +116,6 @@ class AttemptAbandoned(JobflowError):
         super().__init__(f"attempt on job {job_id} abandoned: {reason}")
 
 
-def default_worker_id() -> str:
-    """``host:pid:random``: unique per process, readable in history rows."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
 def error_message(exc: BaseException) -> str:
     """What is stored on the job for a handler's exception."""
     text = f"{type(exc).__name__}: {exc}"
@@ -139,6 +138,7 @@ class _Attempt:
     # lease was lost: no more writes for it after that.
     settled: bool = False
     abandoned: str | None = None  # why the handler's outcome no longer counts
+    cancel_requested: bool = False  # a lease renewal said someone asked the job to stop
 
     @property
     def job_id(self) -> str:
@@ -193,11 +193,23 @@ class JobContext:
         """True once this attempt no longer counts; stop working, nothing will be kept."""
         return self._attempt.abandoned is not None
 
+    @property
+    def cancel_requested(self) -> bool:
+        """True once someone asked the job to stop: the worker learns of it when it
+        renews the lease (within one heartbeat interval). Stop and let
+        :class:`~jobflow.errors.JobCancelled` (or any error) end the attempt as
+        ``cancelled``; a result returned anyway stands."""
+        return self._attempt.cancel_requested
+
     def check(self) -> None:
-        """Raise :class:`AttemptAbandoned` if this attempt no longer counts."""
+        """Raise :class:`AttemptAbandoned` if this attempt no longer counts, and
+        :class:`~jobflow.errors.JobCancelled` if someone asked the job to stop.
+        Reads no store: what the last lease renewal said."""
         reason = self._attempt.abandoned
         if reason is not None:
             raise AttemptAbandoned(self.job.id, reason)
+        if self._attempt.cancel_requested:
+            raise JobCancelled(self.job.id)
 
     def open(self) -> BinaryIO:
         """A binary stream of the verified object. Close it (use ``with``)."""
@@ -217,7 +229,8 @@ class JobContext:
         """Renew the lease now and record progress in the job's history.
 
         Call it at meaningful steps, not per byte: each call is one write.
-        Raises :class:`AttemptAbandoned` when the lease is no longer held.
+        Raises :class:`AttemptAbandoned` when the lease is no longer held, and
+        :class:`~jobflow.errors.JobCancelled` when someone asked the job to stop.
         """
         extra: JSONDict = dict(detail)
         if stage is not None:
@@ -498,6 +511,10 @@ class Worker:
                 self._outcomes.add(attempt, Released(attempt.claim, "not started"),
                                    outcome="released")
             return False
+        if attempt.cancel_requested:  # asked to stop while it waited for a thread
+            self._finish_failed(attempt, JobCancelled(job.id), retryable=False,
+                                error_code=ErrorCode.CANCELLED.value)
+            return False
         attempt.log.info("handler.started")
         attempt.started = time.monotonic()
         if self.job_timeout is not None:
@@ -508,6 +525,9 @@ class Worker:
             result = self.handler(job, context)
         except AttemptAbandoned:
             self._finish_abandoned(attempt)
+        except JobCancelled as exc:
+            self._finish_failed(attempt, exc, retryable=False,
+                                error_code=ErrorCode.CANCELLED.value)
         except PermanentJobError as exc:
             self._finish_failed(attempt, exc, retryable=False, error_code=exc.error_code)
         except ObjectChanged as exc:
@@ -552,8 +572,9 @@ class Worker:
                              error=error_message(exc), duration_ms=_elapsed_ms(attempt.started))
             return
         # A handler's own verdict needs no traceback; an unexpected error does.
-        expected = isinstance(exc, PermanentJobError | ObjectChanged)
-        message = str(exc) if isinstance(exc, PermanentJobError) else error_message(exc)
+        expected = isinstance(exc, PermanentJobError | ObjectChanged | JobCancelled)
+        message = (str(exc) if isinstance(exc, PermanentJobError | JobCancelled)
+                   else error_message(exc))
         self._outcomes.add(attempt, self._failure(attempt, message, retryable=retryable,
                                                   error_code=error_code),
                            outcome="error", error=message, retryable=retryable,
@@ -622,6 +643,11 @@ class Worker:
             else:
                 attempt.claim = outcome
                 attempt.next_beat = time.monotonic() + self.heartbeat_interval
+                asked = (outcome.job.cancel_requested_at is not None
+                         and not attempt.cancel_requested)
+                attempt.cancel_requested = outcome.job.cancel_requested_at is not None
+                if asked:
+                    attempt.log.info("job.cancel_requested")
                 return
         attempt.log.warning("job.lease_lost", write="heartbeat")
 
@@ -697,7 +723,7 @@ class Worker:
 
     def _reconcile_once(self) -> None:
         try:
-            report = self.flow.reconcile()
+            report = self.flow.reconcile(rescuer_id=self.worker_id)
         except StorageUnavailable as exc:
             self._log.warning("worker.reconcile_failed", error=str(exc))
             return

@@ -124,10 +124,10 @@ class JobFlowMachine(RuleBasedStateMachine):
         self.objects.put(self.flow.get(job_id).key, data, content_type=content_type)
         self.upload[job_id] = kind
 
-    @rule(job_id=jobs, kind=S.upload_kinds)
-    def upload_and_complete(self, job_id: str, kind: str) -> None:
+    @rule(job_id=jobs, kind=S.upload_kinds, via_loose=st.booleans())
+    def upload_and_complete(self, job_id: str, kind: str, via_loose: bool) -> None:
         self.upload_object(job_id, kind)
-        self.complete(job_id, right_owner=True)
+        self.complete(job_id, right_owner=True, via_loose=via_loose)
 
     @rule(job_id=jobs)
     def delete_object(self, job_id: str) -> None:
@@ -196,10 +196,14 @@ class JobFlowMachine(RuleBasedStateMachine):
 
     @rule(target=pending, job_id=jobs)
     def decide_cancel(self, job_id: str) -> Change | Any:
+        """An operator's cancel, decided now and written later: a running job's
+        worker may heartbeat or finish in between."""
         try:
-            change = core.apply(self.flow.get(job_id), Event.CANCEL,
-                                core.Evidence(now=self.now, policy=S.POLICY))
+            change = core.cancel(self.flow.get(job_id),
+                                 core.Evidence(now=self.now, policy=S.POLICY))
         except InvalidTransition:
+            return multiple()
+        if change is None:
             return multiple()
         self.undecided[job_id] += 1
         return change
@@ -223,7 +227,8 @@ class JobFlowMachine(RuleBasedStateMachine):
         self.undecided[change.before.id] -= 1
         current = self.flow.get(change.before.id)
         fresh = (current.status is change.before.status
-                 and current.lease_token == change.before.lease_token)
+                 and current.lease_token == change.before.lease_token
+                 and current.cancel_requested_at == change.before.cancel_requested_at)
         written = self.store.commit(change)
         if fresh:
             assert written == change.after, "a compare-and-set on a fresh snapshot failed"
@@ -248,7 +253,9 @@ class JobFlowMachine(RuleBasedStateMachine):
                 f"job {job.id} was handed to a worker but its object does not exist")
             verified = job.verified_object
             assert verified is not None, f"job {job.id} was handed out unverified"
-            assert S.POLICY.min_bytes <= verified.size <= S.POLICY.max_bytes
+            policy = S.LOOSE_POLICY if self.created_loose[job.id] else S.POLICY
+            assert policy.min_bytes <= verified.size <= policy.max_bytes, (
+                f"job {job.id} was handed out verified against a looser policy than its own")
         if len(claims) < limit:
             left = [j for j in self._jobs()
                     if j.status is JobStatus.QUEUED and j.run_at <= self.now]
@@ -283,14 +290,18 @@ class JobFlowMachine(RuleBasedStateMachine):
                 continue
             assert isinstance(outcome, Job)
             assert self.flow.get(job.id) == outcome
-            expected = {"succeeded": JobStatus.DONE, "release": JobStatus.QUEUED,
+            asked = job.cancel_requested_at is not None
+            expected = {"succeeded": JobStatus.DONE,
+                        "release": JobStatus.FAILED if asked else JobStatus.QUEUED,
                         "fail": JobStatus.FAILED,
                         "retry": JobStatus.QUEUED if job.attempts < job.max_attempts
-                        else JobStatus.FAILED}[kind]
+                        and not asked else JobStatus.FAILED}[kind]
             assert outcome.status is expected, (kind, outcome)
             if kind == "succeeded":
                 assert outcome.result == {"item": index}
-            if kind == "release":
+            elif asked:
+                assert outcome.error_code == "cancelled", (kind, outcome)
+            if kind == "release" and not asked:
                 assert outcome.attempts == job.attempts - 1
 
     @rule(batch=st.lists(claims, min_size=1, max_size=4, unique_by=lambda c: c.job.id))
@@ -318,9 +329,12 @@ class JobFlowMachine(RuleBasedStateMachine):
 
     @rule(claim=claims, retryable=st.booleans())
     def fail(self, claim: Claim, retryable: bool) -> None:
+        asked = self.flow.get(claim.job.id).cancel_requested_at is not None
         job = self._leased(claim, lambda: self.flow.fail(claim, "boom", retryable=retryable))
         if job is not None:
-            retried = retryable and job.attempts < job.max_attempts
+            retried = retryable and job.attempts < job.max_attempts and not asked
+            if asked:
+                assert job.error_code == "cancelled"
             assert job.status is (JobStatus.QUEUED if retried else JobStatus.FAILED)
             if retried:
                 assert job.run_at > self.now
@@ -329,7 +343,12 @@ class JobFlowMachine(RuleBasedStateMachine):
     def release(self, claim: Claim) -> None:
         before = self.flow.get(claim.job.id)
         job = self._leased(claim, lambda: self.flow.release(claim))
-        if job is not None:
+        if job is None:
+            return
+        if before.cancel_requested_at is not None:  # asked to stop: it ends here
+            assert job.status is JobStatus.FAILED and job.error_code == "cancelled"
+            assert job.attempts == before.attempts
+        else:
             assert job.status is JobStatus.QUEUED and job.attempts == before.attempts - 1
 
     def _leased(self, claim: Claim, call: Callable[[], Any]) -> Any:
@@ -381,6 +400,16 @@ class JobFlowMachine(RuleBasedStateMachine):
         if before.status in (JobStatus.AWAITING_UPLOAD, JobStatus.QUEUED):
             job = self.flow.cancel(job_id)
             assert job.status is JobStatus.FAILED and job.error_code == "cancelled"
+        elif before.status is JobStatus.QUICK_RUNNING:
+            # Asked to stop: the job keeps its lease; a second request changes nothing.
+            job = self.flow.cancel(job_id)
+            assert job == self.flow.get(job_id)
+            assert job.status is JobStatus.QUICK_RUNNING
+            assert (job.lease_token, job.lease_owner) == (before.lease_token,
+                                                          before.lease_owner)
+            assert job.cancel_requested_at == (before.cancel_requested_at or self.now)
+            if before.cancel_requested_at is not None:
+                self.unchanged(before)
         else:
             with pytest.raises(InvalidTransition):
                 self.flow.cancel(job_id)
@@ -406,6 +435,25 @@ class JobFlowMachine(RuleBasedStateMachine):
         assert job.status is JobStatus.QUEUED and job.attempts == 0
         assert job.upload_verified_at == self.now
         return None
+
+    @rule(error_code=S.failure_causes, via_loose=st.booleans())
+    def requeue_failed(self, error_code: str, via_loose: bool) -> None:
+        """Requeue every failed job of one cause, in pages of two: exactly those
+        whose object is acceptable now go back to the queue, the others stay."""
+        before = {job.id: job for job in self._jobs()}
+        report = self._flow(via_loose).requeue_failed(error_code, batch_size=2)
+        assert report.stopped is None and report.skipped == report.unavailable == ()
+        chosen = {job_id for job_id, job in before.items()
+                  if job.status is JobStatus.FAILED and job.error_code == error_code}
+        assert set(report.requeued) | set(report.still_failing) == chosen
+        for job_id, job in before.items():
+            after = self.flow.get(job_id)
+            if job_id in report.requeued:
+                assert self.acceptable(job_id, via_loose), "requeued an unacceptable upload"
+                assert after.status is JobStatus.QUEUED and after.upload_verified_at == self.now
+            else:
+                assert job_id not in chosen or not self.acceptable(job_id, via_loose)
+                assert after == job, "a job not requeued changed"
 
     # -- the invariants of DESIGN.md, after every step ---------------------------------
 
@@ -442,6 +490,27 @@ class JobFlowMachine(RuleBasedStateMachine):
                 tokens.append(job.lease_token)
             else:
                 assert job.lease_token is None and job.lease_owner is None
+            # A cancel request is kept from the request until the job is requeued:
+            # a running job has one exactly when its history asked since its
+            # claim, and a job asked to stop never goes back to the queue.
+            asked = False
+            for row in history:
+                if row.event is Event.REQUEST_CANCEL:
+                    asked = True
+                elif asked and row.event is not Event.HEARTBEAT:
+                    assert row.to_status is not JobStatus.QUEUED or row.event is Event.REQUEUE, (
+                        f"job {job.id} was asked to stop but went back to the queue")
+                    if row.to_status is JobStatus.FAILED:
+                        assert row.detail.get("error_code", "cancelled") == "cancelled"
+                    asked = row.to_status is not JobStatus.QUEUED
+            if job.status is JobStatus.QUICK_RUNNING:
+                assert (job.cancel_requested_at is not None) == asked, (
+                    f"job {job.id} forgot a cancel request" if asked
+                    else f"job {job.id} has a cancel request nobody made")
+            elif job.status in (JobStatus.AWAITING_UPLOAD, JobStatus.QUEUED):
+                assert job.cancel_requested_at is None
+            elif job.status is JobStatus.FAILED and job.cancel_requested_at is not None:
+                assert job.error_code == "cancelled"
             # 3. Idempotent completion.
             assert sum(1 for row in history if row.event is Event.VERIFY_UPLOAD) <= 1
             # 4. Terminal is terminal: nothing after done, only requeue after failed.

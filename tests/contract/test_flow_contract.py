@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from datetime import datetime, timedelta
 
@@ -177,11 +179,67 @@ def test_wrong_state_events_are_refused_with_context(
     assert str(info.value) == f"cannot requeue job {ticket.job_id} in awaiting_upload"
     job_id = queued_job(flow, objects)
     [claim] = flow.claim("w1")
-    with pytest.raises(InvalidTransition, match="cannot cancel"):
-        flow.cancel(job_id)
     flow.succeed(claim)
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransition, match=f"cannot cancel job {job_id} in done"):
         flow.cancel(job_id)
+
+
+def test_cancel_asks_a_running_job_to_stop_and_its_lease_renewal_says_so(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    for _ in range(2):
+        queued_job(flow, objects)
+    first, second = flow.claim("w1", limit=2)
+    asked_at = clock.advance(5)
+
+    asked = flow.cancel(first.job.id)
+    assert (asked.status, asked.cancel_requested_at) == (JobStatus.QUICK_RUNNING, asked_at)
+    assert (asked.lease_token, asked.lease_owner) == (first.token, "w1"), "it keeps its lease"
+    last = flow.history(first.job.id)[-1]
+    assert (last.event, last.from_status, last.to_status) == (
+        Event.REQUEST_CANCEL, JobStatus.QUICK_RUNNING, JobStatus.QUICK_RUNNING)
+    clock.advance(1)
+    assert flow.cancel(first.job.id) == asked, "asking again changes nothing"
+    assert len(flow.history(first.job.id)) == last.seq
+    flow.cancel(second.job.id)
+
+    # The worker's claims predate the requests; renewing them tells it.
+    renewed = flow.heartbeat(first)
+    assert renewed.token == first.token and renewed.job.cancel_requested_at == asked_at
+    assert renewed.job == flow.get(first.job.id)
+    [renewed_second] = flow.heartbeat_many([second])
+    assert isinstance(renewed_second, Claim)
+    assert renewed_second.job.cancel_requested_at is not None
+
+
+def test_a_running_job_asked_to_stop_ends_cancelled_unless_it_succeeded(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    ids = [queued_job(flow, objects) for _ in range(5)]
+    retried, given_back, succeeded, rescued, failed_alone = flow.claim(
+        "w1", limit=5, lease_seconds=30)
+    for job_id in ids:
+        flow.cancel(job_id)
+    clock.advance(1)
+
+    # Written from claims decided before the requests, as a busy worker would.
+    written = flow.finish_many([Failed(retried, "boom", retryable=True),
+                                Released(given_back), Succeeded(succeeded, {"n": 1})])
+    assert [(j.status, j.error_code) for j in written if not isinstance(j, LeaseLost)] == [
+        (JobStatus.FAILED, "cancelled"), (JobStatus.FAILED, "cancelled"),
+        (JobStatus.DONE, None)]
+    assert flow.get(retried.job.id).error_message == "boom"
+    done = flow.get(succeeded.job.id)
+    assert done.result == {"n": 1} and done.cancel_requested_at is not None
+    alone = flow.fail(failed_alone, "boom", retryable=True)
+    assert (alone.status, alone.error_code) == (JobStatus.FAILED, "cancelled")
+    clock.advance(31)
+    report = flow.reconcile()
+    assert report.lease_failed == (rescued.job.id,) and report.rescued == ()
+    assert flow.get(rescued.job.id).error_code == "cancelled"
+    assert flow.counts()[JobStatus.QUEUED] == 0, "no cancelled job runs again"
+    with pytest.raises(InvalidTransition, match="cannot cancel"):
+        flow.cancel(rescued.job.id)
+    requeued = flow.requeue(rescued.job.id)
+    assert requeued.status is JobStatus.QUEUED and requeued.cancel_requested_at is None
 
 
 def test_a_rescued_worker_cannot_touch_the_job(
@@ -199,6 +257,25 @@ def test_a_rescued_worker_cannot_touch_the_job(
             call()
     assert flow.get(job_id) == before
     assert flow.succeed(live).status is JobStatus.DONE
+
+
+def test_a_rescue_names_the_process_that_rescued_and_the_worker_it_lost(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    named, unnamed = queued_job(flow, objects), queued_job(flow, objects)
+    flow.claim("w-lost", limit=2, lease_seconds=10)
+    clock.advance(11)
+    [first] = flow.store.expired_leases(now=clock.now, limit=1)
+    assert flow.reconcile(limit=1, rescuer_id="ops-cron").rescued == (first.id,)
+    assert flow.reconcile().rescued != ()
+    rows = {job_id: flow.history(job_id)[-1] for job_id in (named, unnamed)}
+    assert all(row.event is Event.RESCUE and row.detail == {"lost_worker": "w-lost"}
+               for row in rows.values())
+    second = unnamed if first.id == named else named
+    assert rows[first.id].worker_id == "ops-cron"
+    host, pid, _ = (rows[second].worker_id or "").split(":")
+    assert host == socket.gethostname() and pid == str(os.getpid())
+    with pytest.raises(InvalidInput, match="rescuer_id"):
+        flow.reconcile(rescuer_id="a\nb")
 
 
 def test_retry_backs_off_then_fails_when_attempts_run_out(

@@ -77,6 +77,12 @@ CALLS: dict[str, Any] = {
     "stuck uploads": lambda w, g: w.flow.stuck_uploads(older_than=g),
     "recent failures": lambda w, g: w.flow.recent_failures(within=g),
     "reconcile limit": lambda w, g: w.flow.reconcile(limit=g),
+    "reconcile rescuer": lambda w, g: w.flow.reconcile(rescuer_id=g),
+    "purge cutoff": lambda w, g: w.flow.purge(g),
+    "purge batch size": lambda w, g: w.flow.purge(timedelta(days=1), batch_size=g),
+    "requeue_failed code": lambda w, g: w.flow.requeue_failed(g),
+    "requeue_failed since": lambda w, g: w.flow.requeue_failed("cancelled", since=g),
+    "requeue_failed limit": lambda w, g: w.flow.requeue_failed("cancelled", limit=g),
 }
 
 

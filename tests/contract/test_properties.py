@@ -73,10 +73,34 @@ def test_the_proof_catches_a_flow_that_verifies_against_its_own_policy_only(
         return policy.min_bytes, policy.max_bytes
 
     monkeypatch.setattr(core, "size_range", process_policy_only)
+    # It takes a job created strictly, a larger upload and a loose verification in
+    # one run, a rarer path than the broken stores' ones: a larger budget, which
+    # costs nothing while the violation is found (the run stops there).
     with pytest.raises((AssertionError, pytest.fail.Exception),
                        match=r"unacceptable upload|looser policy|DID NOT RAISE"):
         run_state_machine_as_test(
             machine_for(InMemoryJobStore),
+            settings=settings(max_examples=1000, stateful_step_count=50, database=None,
+                              phases=[Phase.generate], deadline=None),
+        )
+
+
+class ForgetsCancelRequests(InMemoryJobStore):
+    """Broken on purpose: compare-and-set ignores the cancel request, so a lease
+    holder's write decided before the request wipes it out."""
+
+    def commit(self, change: Change) -> Job | None:
+        assert change.before is not None
+        current = self.get(change.before.id)
+        if current.cancel_requested_at != change.before.cancel_requested_at:
+            change = attrs.evolve(change, before=current)
+        return super().commit(change)
+
+
+def test_the_proof_catches_a_store_that_forgets_cancel_requests() -> None:
+    with pytest.raises(AssertionError, match=r"forgot a cancel request|stale"):
+        run_state_machine_as_test(
+            machine_for(ForgetsCancelRequests),
             settings=settings(max_examples=400, stateful_step_count=50, database=None,
                               phases=[Phase.generate], deadline=None),
         )

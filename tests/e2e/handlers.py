@@ -41,3 +41,14 @@ def record(job: Job, ctx: JobContext) -> dict[str, Any]:
     time.sleep(float(plan[min(attempt, len(plan)) - 1]))
     mark(job, attempt, "finished")
     return {"pid": os.getpid(), "attempt": attempt, "worker_id": ctx.worker_id}
+
+
+def until_cancelled(job: Job, ctx: JobContext) -> dict[str, Any]:
+    """Work until asked to stop: ``ctx.check()`` raises JobCancelled once the
+    worker's lease renewal brings the request (for a minute at most)."""
+    mark(job, ctx.attempt, "started")
+    give_up = time.monotonic() + 60
+    while time.monotonic() < give_up:
+        ctx.check()
+        time.sleep(0.05)
+    return {"never": "asked to stop"}

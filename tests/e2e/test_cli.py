@@ -91,7 +91,7 @@ def test_show_cancel_and_requeue_a_job(deployment: Deployment) -> None:
 
     cancelled = deployment.cli("cancel", job_id)
     assert cancelled.returncode == 0
-    assert cancelled.stdout.strip() == f"job {job_id}: queued -> failed"
+    assert cancelled.stdout.strip() == f"job {job_id}: queued -> failed (cancelled)"
     requeued = deployment.cli("requeue", job_id, "--json")
     assert requeued.returncode == 0
     assert json.loads(requeued.stdout)["status"] == "queued"
@@ -241,7 +241,8 @@ def test_commands_about_existing_jobs_create_no_database(sqlite_deployment: Depl
     env = {name: "" for name in sqlite_deployment.env if name.startswith("JOBFLOW_")}
     job_id = "00000000-0000-4000-8000-000000000000"
     for args in (["status"], ["show", job_id], ["reconcile"], ["cancel", job_id],
-                 ["requeue", job_id]):
+                 ["requeue", job_id], ["requeue", "--error-code", "cancelled"],
+                 ["purge", "--finished-before", "30d"]):
         result = sqlite_deployment.cli(*args, cwd=empty, env=env)
         assert result.returncode == 2, (args, result.stderr)
         assert "no jobflow database at" in one_error_line(result.stderr)

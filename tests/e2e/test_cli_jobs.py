@@ -56,7 +56,7 @@ def test_job_commands_accept_a_unique_id_prefix(deployment: Deployment) -> None:
 
     cancelled = deployment.cli("cancel", "abcd9")
     assert cancelled.returncode == 0, cancelled.stderr
-    assert cancelled.stdout.strip() == f"job {LONER}: queued -> failed"
+    assert cancelled.stdout.strip() == f"job {LONER}: queued -> failed (cancelled)"
     requeued = deployment.cli("requeue", "abcd99", "--json")
     assert requeued.returncode == 0, requeued.stderr
     assert json.loads(requeued.stdout)["status"] == "queued"
@@ -205,7 +205,7 @@ def test_commands_that_only_look_or_cancel_show_no_upload_policy(
         sqlite_deployment: Deployment) -> None:
     policy = ("--min-bytes", "--max-bytes", "--content-types", "--backoff", "--upload-ttl",
               "--max-attempts", "--adopt-after", "--s3-upload-method")
-    for command in ("show", "jobs", "status", "cancel"):
+    for command in ("show", "jobs", "status", "cancel", "purge"):
         shown = sqlite_deployment.cli(command, "--help")
         assert shown.returncode == 0, shown.stderr
         assert "--database-url" in shown.stdout and "--s3-bucket" in shown.stdout

@@ -64,6 +64,7 @@ def test_a_job_whose_worker_was_killed_is_rescued_and_runs_to_done_once(
     assert events.count(Event.SUCCEED) == 1
     rescue = history[events.index(Event.RESCUE)]
     assert rescue.detail == {"lost_worker": "first"}
+    assert rescue.worker_id == "second", "the rescue names the process that made it"
     assert [(row.worker_id, row.attempt) for row in history if row.event is Event.CLAIM] == [
         ("first", 1), ("second", 2)]
     assert_never_two_live_leases(history)

@@ -1,6 +1,7 @@
 """The hot PostgreSQL queries can use their partial indexes: claiming queued jobs
-and the scans of reconcile and monitoring never need to read finished jobs, and
-a batch write finds its jobs by primary key."""
+and the scans of reconcile and monitoring never need to read finished jobs,
+retention's scans read only the finished jobs of one status, and a batch write
+finds its jobs by primary key."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import pytest
 import sqlalchemy as sa
 from psycopg.sql import Literal
 
-from jobflow import Event
+from jobflow import Event, JobStatus
 from jobflow import states as core
 from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 from jobflow.models import Change, Claim
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
+NOW_ID = "00000000-0000-4000-8000-000000000000"
 Statement = tuple[str, Any]
 
 
@@ -68,7 +70,17 @@ def generic_plan_of(engine: sa.Engine, statement: Statement, *, seqscan: bool = 
      "ix_jobflow_jobs_running_lease_expires_at"),
     (lambda store: store.failed_since(since=NOW, limit=10),
      "ix_jobflow_jobs_failed_finished_at"),
-], ids=["claim", "awaiting_uploads", "expired_leases", "failed_since"])
+    (lambda store: store.purge_finished(status=JobStatus.DONE, finished_before=NOW, limit=10),
+     "ix_jobflow_jobs_done_finished_at"),
+    (lambda store: store.purge_finished(status=JobStatus.FAILED, finished_before=NOW,
+                                        limit=10),
+     "ix_jobflow_jobs_failed_finished_at"),
+    (lambda store: store.count_finished(status=JobStatus.DONE, finished_before=NOW),
+     "ix_jobflow_jobs_done_finished_at"),
+    (lambda store: store.failed_after(error_code="x", after=(NOW, NOW_ID), limit=10),
+     "ix_jobflow_jobs_failed_finished_at"),
+], ids=["claim", "awaiting_uploads", "expired_leases", "failed_since", "purge_done",
+        "purge_failed", "count_finished", "failed_after"])
 def test_each_scan_uses_its_partial_index(
         pg_engine: sa.Engine, executed: list[Statement],
         call: Callable[[SqlAlchemyJobStore], object], index: str) -> None:

@@ -1,5 +1,6 @@
 """Concurrency against a real database: separate claimer processes on one
-PostgreSQL never share a job, and racing completions verify a job once."""
+PostgreSQL never share a job, racing completions verify a job once, and a purge
+never deletes or waits for a job being requeued."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import sqlalchemy as sa
 from jobflow import Event, Job, JobFlow, JobStatus, ObjectInfo
 from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
+from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 from jobflow.adapters.sqlalchemy.schema import events, jobs
 from jobflow.keys import upload_key
+from tests.integration.conftest import flow_on
 from tests.strategies import POLICY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,3 +127,27 @@ def test_racing_completions_verify_a_job_once(sql_flow: JobFlow,
     assert [job.status for job in results] == [JobStatus.QUEUED] * 8
     history = sql_flow.history(ticket.job_id)
     assert [row.event for row in history] == [Event.CREATED, Event.VERIFY_UPLOAD]
+
+
+@pytest.mark.postgres
+def test_a_purge_skips_a_job_being_requeued_and_never_waits_for_it(pg_engine: sa.Engine) -> None:
+    """A requeue in flight holds its job's row: the purge's batch skips it (SKIP
+    LOCKED) instead of waiting, and the requeued job is never deleted."""
+    store = SqlAlchemyJobStore(pg_engine)
+    objects = InMemoryObjectStore(bucket="videos")
+    flow = flow_on(store, objects)
+    failed = []
+    for _ in range(3):
+        ticket = flow.initiate_upload("alice", content_type="video/mp4")
+        objects.put(ticket.key, b"0123456789", content_type="video/mp4")
+        flow.complete_upload(ticket.job_id)
+        failed.append(flow.cancel(ticket.job_id).id)
+    later = datetime.now(UTC) + timedelta(days=1)
+    with pg_engine.connect() as host:
+        requeued = flow_on(store.bind(host), objects).requeue(failed[0])  # not committed yet
+        purged = store.purge_finished(status=JobStatus.FAILED, finished_before=later, limit=10)
+        assert sorted(job.id for job in purged.jobs) == sorted(failed[1:])
+        host.commit()
+    assert store.get(failed[0]) == requeued and requeued.status is JobStatus.QUEUED
+    assert store.purge_finished(status=JobStatus.FAILED, finished_before=later,
+                                limit=10).jobs == ()

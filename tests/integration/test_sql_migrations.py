@@ -62,7 +62,7 @@ def unverified_job(engine: sa.Engine) -> str:
 def test_upgrade_downgrade_upgrade(engine: sa.Engine) -> None:
     assert jobflow.migrations.current(engine) is None
     jobflow.migrations.upgrade(engine)
-    assert jobflow.migrations.current(engine) == jobflow.migrations.head() == "0003"
+    assert jobflow.migrations.current(engine) == jobflow.migrations.head() == "0004"
     assert table_names(engine) >= JOBFLOW_TABLES
     unverified_job(engine)  # the schema takes a job
 
@@ -75,13 +75,13 @@ def test_upgrade_downgrade_upgrade(engine: sa.Engine) -> None:
                 "SELECT count(*) FROM pg_type WHERE typname = 'jobflow_job_status'")).scalar() == 0
 
     jobflow.migrations.upgrade(engine)
-    assert jobflow.migrations.current(engine) == "0003"
+    assert jobflow.migrations.current(engine) == "0004"
     assert schema_drift(engine) == []
 
 
 def test_upgrade_takes_a_url_too(empty_database: sa.URL) -> None:
     jobflow.migrations.upgrade(empty_database.render_as_string(hide_password=False))
-    assert jobflow.migrations.current(empty_database) == "0003"
+    assert jobflow.migrations.current(empty_database) == "0004"
 
 
 def test_the_migrations_build_exactly_the_models(engine: sa.Engine) -> None:
@@ -163,8 +163,8 @@ NEW_LABEL_MIGRATION = '''
 
     from alembic import op
 
-    revision = "0003_example"
-    down_revision = "0003"
+    revision = "0004_example"
+    down_revision = "0004"
     branch_labels = None
     depends_on = None
 
@@ -209,7 +209,7 @@ def test_a_status_label_migration_runs_on_both_databases(engine: sa.Engine,
                                                          tmp_path: Path) -> None:
     folder = tmp_path / "more_versions"
     folder.mkdir()
-    (folder / "0003_example.py").write_text(textwrap.dedent(NEW_LABEL_MIGRATION))
+    (folder / "0004_example.py").write_text(textwrap.dedent(NEW_LABEL_MIGRATION))
     jobflow.migrations.upgrade(engine)
     job_id = unverified_job(engine)
     set_label = sa.text("UPDATE jobflow_jobs SET status = 'slow_running', "
@@ -227,8 +227,8 @@ def test_a_status_label_migration_runs_on_both_databases(engine: sa.Engine,
         # ...and the rebuilt table still refuses an unverified queued job.
         conn.execute(sa.text("UPDATE jobflow_jobs SET status = 'queued'"))
 
-    migrate_with_example(engine, folder, "downgrade", "0003")
-    assert jobflow.migrations.current(engine) == "0003"
+    migrate_with_example(engine, folder, "downgrade", "0004")
+    assert jobflow.migrations.current(engine) == "0004"
     if engine.dialect.name == "sqlite":
         with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
             conn.execute(set_label)

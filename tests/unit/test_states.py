@@ -219,3 +219,82 @@ def test_a_transition_copies_the_job_and_leaves_the_snapshot_alone() -> None:
     assert before.status is JobStatus.QUICK_RUNNING and before.lease_token == "tok"
     with pytest.raises(TypeError, match="no field 'colour'"):
         before.evolve(colour="red")
+
+
+def asked_to_stop(token: str = "tok") -> Job:
+    job = running(token)
+    change = core.cancel(job, evidence())
+    assert change is not None and change.event is Event.REQUEST_CANCEL
+    return change.after
+
+
+def test_cancel_fails_a_job_that_has_not_started_and_asks_a_running_one_to_stop() -> None:
+    for waiting in (new_job(), queued()):
+        change = core.cancel(waiting, evidence())
+        assert change is not None and change.event is Event.CANCEL
+        assert (change.after.status, change.after.error_code) == (JobStatus.FAILED, "cancelled")
+    job = running("tok")
+    asked = asked_to_stop("tok")
+    assert asked == attrs.evolve(job, cancel_requested_at=START, updated_at=START)
+    assert asked.lease_token == "tok", "the job keeps its lease until its worker stops"
+    assert core.cancel(asked, evidence()) is None, "asking again writes nothing"
+    with pytest.raises(InvalidTransition, match="cannot request_cancel"):
+        core.apply(asked, Event.REQUEST_CANCEL, evidence())
+    for finished in (core.apply(job, Event.SUCCEED, evidence(token="tok")).after,
+                     core.apply(queued(), Event.CANCEL, evidence()).after):
+        with pytest.raises(InvalidTransition, match="cannot cancel"):
+            core.cancel(finished, evidence())
+
+
+def test_a_job_asked_to_stop_still_renews_its_lease_and_its_success_stands() -> None:
+    asked = asked_to_stop()
+    renewed = core.apply(asked, Event.HEARTBEAT, evidence(token="tok")).after
+    assert renewed.status is JobStatus.QUICK_RUNNING and renewed.cancel_requested_at == START
+    with pytest.raises(LeaseLost):
+        core.apply(asked, Event.HEARTBEAT, evidence(token="stale"))
+    done = core.apply(asked, Event.SUCCEED, evidence(token="tok", result={"n": 1})).after
+    assert (done.status, done.result, done.error_code) == (JobStatus.DONE, {"n": 1}, None)
+
+
+@pytest.mark.parametrize(("retryable", "code"), [(True, None), (False, "unsupported")])
+def test_a_job_asked_to_stop_that_fails_is_cancelled_and_never_retried(
+        retryable: bool, code: str | None) -> None:
+    change = core.finish_with_error(asked_to_stop(), evidence(
+        token="tok", error="ValueError: boom", retryable=retryable, error_code=code))
+    assert change.event is Event.FAIL
+    assert (change.after.status, change.after.error_code) == (JobStatus.FAILED, "cancelled")
+    assert change.after.error_message == "ValueError: boom"
+    assert change.detail["error_code"] == "cancelled"
+
+
+def test_a_job_asked_to_stop_is_never_rescued_or_released_back_to_the_queue() -> None:
+    asked = asked_to_stop()
+    after_lease = core.Evidence(now=asked.lease_expires_at or START, policy=POLICY)
+    rescued = core.apply(asked, Event.RESCUE, after_lease)
+    assert (rescued.after.status, rescued.after.error_code) == (JobStatus.FAILED, "cancelled")
+    assert rescued.detail == {"lost_worker": "w1"}
+    released = core.apply(asked, Event.RELEASE, evidence(token="tok")).after
+    assert (released.status, released.error_code) == (JobStatus.FAILED, "cancelled")
+    assert released.lease_token is None and released.attempts == asked.attempts
+    with pytest.raises(LeaseLost):
+        core.apply(asked, Event.RELEASE, evidence(token="stale"))
+
+
+def test_requeue_forgets_a_cancel_request() -> None:
+    failed = core.apply(asked_to_stop(), Event.FAIL, evidence(token="tok", error="x")).after
+    assert failed.cancel_requested_at == START
+    requeued = core.apply(failed, Event.REQUEUE, evidence(obj=obj())).after
+    assert requeued.status is JobStatus.QUEUED and requeued.cancel_requested_at is None
+
+
+def test_a_history_with_a_cancel_request_replays_to_its_status() -> None:
+    created = core.new_job(job_id="j", owner_id="o", params={}, bucket="b", key=KEY,
+                           content_type="video/mp4", expected_sha256=None, now=START,
+                           policy=POLICY)
+    verify = core.settle_upload(created.after, evidence(obj=obj()))
+    claim = core.apply(verify.after, Event.CLAIM, evidence(new_token="t", worker_id="w1"))
+    ask = core.cancel(claim.after, evidence())
+    assert ask is not None
+    release = core.apply(ask.after, Event.RELEASE, evidence(token="t"))
+    history = [c.record(n) for n, c in enumerate((created, verify, claim, ask, release), 1)]
+    assert core.replay(history) is JobStatus.FAILED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import structlog
 
 from jobflow import Job, JobStatus, UploadPolicy
-from jobflow.errors import ConfigurationError, PermanentJobError
+from jobflow.errors import ConfigurationError, JobCancelled, PermanentJobError
 from jobflow.models import Event
 from jobflow.worker import (
     HANDLER_TIMEOUT,
@@ -258,6 +259,133 @@ def test_a_worker_whose_job_was_rescued_cannot_finish_it(
     assert outcomes == (["told to stop"] if finish_by == "reporting progress" else [])
 
 
+# Renewed often, so that a cancel request reaches the handler quickly.
+BRISK = {"lease_seconds": 5.0, "heartbeat_interval": 0.1, "poll_interval": 0.02,
+         "reconcile_interval": 60.0}
+
+
+@pytest.mark.parametrize("notices_by", ["polling the flag", "reporting progress"])
+def test_a_running_job_asked_to_stop_is_told_and_ends_cancelled(
+        make_flow: FlowFactory, notices_by: str) -> None:
+    flow = make_flow(UploadPolicy(max_attempts=3))
+    job_id = queue_job(flow)
+    started = threading.Event()
+    seen: list[str] = []
+
+    def long_running(job: Job, ctx: JobContext) -> dict[str, Any]:
+        started.set()
+        give_up = time.monotonic() + PATIENCE
+        while time.monotonic() < give_up:
+            if notices_by == "polling the flag":
+                if ctx.cancel_requested:
+                    seen.append("flag")
+                    ctx.check()  # raises JobCancelled
+            else:
+                try:
+                    ctx.heartbeat(stage="working")
+                except JobCancelled:
+                    seen.append("heartbeat raised")
+                    raise
+            time.sleep(0.02)
+        return {"never": "told"}
+
+    worker = Worker(flow, long_running, **BRISK)
+    with running(worker):
+        assert started.wait(PATIENCE)
+        asked = flow.cancel(job_id)
+        assert asked.status is JobStatus.QUICK_RUNNING and asked.cancel_requested_at
+        wait_for(lambda: flow.get(job_id).status is JobStatus.FAILED, "the job to end")
+
+    job = flow.get(job_id)
+    assert (job.error_code, job.attempts) == ("cancelled", 1), "cancelled, never retried"
+    assert job.error_message == f"job {job_id} was asked to stop"
+    assert seen == (["flag"] if notices_by == "polling the flag" else ["heartbeat raised"])
+    history = flow.history(job_id)
+    events_after = [row.event for row in history[[r.event for r in history].index(
+        Event.REQUEST_CANCEL):]]
+    assert events_after[0] is Event.REQUEST_CANCEL and events_after[-1] is Event.FAIL
+    assert set(events_after[1:-1]) <= {Event.HEARTBEAT}
+    assert history[-1].worker_id == worker.worker_id
+    assert history[-1].detail["error_code"] == "cancelled"
+
+
+def test_a_handler_that_finishes_despite_a_cancel_request_leaves_the_job_done(
+        make_flow: FlowFactory) -> None:
+    flow = make_flow()
+    job_id = queue_job(flow)
+    started = threading.Event()
+
+    def finishes_anyway(job: Job, ctx: JobContext) -> dict[str, Any]:
+        started.set()
+        wait_for(lambda: ctx.cancel_requested, "the cancel request to reach the handler")
+        return {"finished": "anyway"}
+
+    with running(Worker(flow, finishes_anyway, **BRISK)):
+        assert started.wait(PATIENCE)
+        flow.cancel(job_id)
+        wait_for(lambda: flow.get(job_id).status is JobStatus.DONE, "the job to finish")
+
+    job = flow.get(job_id)
+    assert job.result == {"finished": "anyway"} and job.cancel_requested_at is not None
+    assert job.error_code is None
+
+
+def test_a_job_claimed_ahead_and_asked_to_stop_never_starts(make_flow: FlowFactory) -> None:
+    flow = make_flow()
+    quick, slow, ahead = queue_job(flow), queue_job(flow), queue_job(flow)
+    ran: list[str] = []
+    let_go = threading.Event()
+
+    def handler(job: Job, ctx: JobContext) -> None:
+        ran.append(job.id)
+        if job.id == slow:
+            let_go.wait(PATIENCE)
+
+    # The quick job makes handlers look short, so the worker claims one job ahead
+    # while the slow one runs.
+    worker = Worker(flow, handler, concurrency=1, **BRISK)
+    with running(worker):
+        wait_for(lambda: flow.get(ahead).status is JobStatus.QUICK_RUNNING,
+                 "the third job to be claimed ahead")
+        flow.cancel(ahead)
+        wait_for(lambda: events(flow, ahead)[-1] is Event.HEARTBEAT,
+                 "a lease renewal after the cancel request")
+        let_go.set()
+        wait_for(lambda: flow.get(ahead).status is JobStatus.FAILED, "the job to be cancelled")
+
+    assert ran == [quick, slow]
+    assert flow.get(ahead).error_code == "cancelled"
+
+
+def test_a_job_asked_to_stop_whose_worker_vanished_is_not_run_again(
+        make_flow: FlowFactory) -> None:
+    offset = [timedelta(0)]
+    flow = make_flow(clock=lambda: datetime.now(UTC) + offset[0])
+    job_id = queue_job(flow)
+    started = threading.Event()
+    let_go = threading.Event()
+
+    def paused(job: Job, ctx: JobContext) -> dict[str, Any]:
+        started.set()
+        let_go.wait(PATIENCE)
+        return {"late": True}
+
+    worker = Worker(flow, paused, **CALM)
+    with running(worker):
+        assert started.wait(PATIENCE)
+        flow.cancel(job_id)
+        offset[0] = timedelta(hours=1)  # as if the worker had been paused for an hour
+        report = flow.reconcile()
+        assert report.lease_failed == (job_id,) and report.rescued == ()
+        let_go.set()
+        wait_for(lambda: worker.busy == 0, "the paused handler to return")
+
+    job = flow.get(job_id)
+    assert (job.status, job.error_code, job.result) == (JobStatus.FAILED, "cancelled", None)
+    assert events(flow, job_id).count(Event.CLAIM) == 1
+    assert Event.SUCCEED not in events(flow, job_id), "the late result was fenced off"
+
+
 def test_stop_hands_unfinished_jobs_back_without_spending_an_attempt(
         make_flow: FlowFactory) -> None:
     flow = make_flow()
@@ -345,6 +473,9 @@ def test_periodic_reconcile_adopts_forgotten_uploads_and_rescues_dead_workers(
     assert [row.event for row in orphan_history][-4:-1] == [Event.CLAIM, Event.RESCUE,
                                                             Event.CLAIM]
     assert orphan_history[-4].worker_id == "worker-that-died"
+    rescue = orphan_history[-3]
+    assert (rescue.worker_id, rescue.detail) == (worker.worker_id,
+                                                 {"lost_worker": "worker-that-died"})
     assert orphan_history[-2].worker_id == worker.worker_id
 
 

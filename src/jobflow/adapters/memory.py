@@ -31,7 +31,9 @@ from jobflow.models import (
     JobStatus,
     ObjectInfo,
     PresignedUpload,
+    Purged,
     check_batch,
+    check_finished_status,
 )
 
 
@@ -87,7 +89,8 @@ class InMemoryJobStore(_Outage):
         assert change.before is not None
         current = self._jobs.get(change.before.id)
         if (current is None or current.status is not change.before.status
-                or current.lease_token != change.before.lease_token):
+                or current.lease_token != change.before.lease_token
+                or current.cancel_requested_at != change.before.cancel_requested_at):
             return None
         return self._append(change)
 
@@ -144,6 +147,38 @@ class InMemoryJobStore(_Outage):
         failed.sort(key=lambda j: j.id)
         failed.sort(key=lambda j: j.finished_at or since, reverse=True)
         return failed[:limit]
+
+    def _finished(self, status: JobStatus, finished_before: datetime) -> list[Job]:
+        """Under the lock: the jobs in ``status`` finished before ``finished_before``,
+        oldest first."""
+        check_finished_status(status)
+        found = [j for j in self._jobs.values() if j.status is status
+                 and j.finished_at is not None and j.finished_at < finished_before]
+        return sorted(found, key=lambda j: (j.finished_at or finished_before, j.id))
+
+    def purge_finished(self, *, status: JobStatus, finished_before: datetime,
+                       limit: int) -> Purged:
+        with self._locked():
+            doomed = self._finished(status, finished_before)[:max(limit, 0)]
+            events = 0
+            for job in doomed:
+                del self._jobs[job.id]
+                events += len(self._events.pop(job.id))
+        return Purged(jobs=tuple(doomed), events=events)
+
+    def count_finished(self, *, status: JobStatus, finished_before: datetime) -> tuple[int, int]:
+        with self._locked():
+            found = self._finished(status, finished_before)
+            return len(found), sum(len(self._events[job.id]) for job in found)
+
+    def failed_after(self, *, error_code: str, after: tuple[datetime, str],
+                     limit: int) -> list[Job]:
+        with self._locked():
+            failed = [j for j in self._jobs.values() if j.status is JobStatus.FAILED
+                      and j.error_code == error_code and j.finished_at is not None
+                      and (j.finished_at, j.id) > after]
+        failed.sort(key=lambda j: (j.finished_at or after[0], j.id))
+        return failed[:max(limit, 0)]
 
     def counts(self) -> dict[JobStatus, int]:
         with self._locked():

@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.dml import ReturningDelete
 
 from jobflow.adapters.sqlalchemy.rows import EVENT_COLUMNS, JOB_COLUMNS, BatchShape, batch_fields
 from jobflow.adapters.sqlalchemy.schema import events, jobs, status_is
@@ -90,14 +91,18 @@ SELECT ... FROM created RETURNING job_id, seq) SELECT logged.seq FROM logged``."
 def compare_and_set(*, leased: bool) -> sa.Update:
     """``UPDATE jobflow_jobs SET owner_id = :job_owner_id, ..., history_length =
     history_length + 1 WHERE id = :expected_id AND status = :expected_status AND
-    lease_token = :expected_token RETURNING id, history_length``; ``lease_token
-    IS NULL`` instead when the change expects no lease (not ``leased``). No row
+    lease_token = :expected_token AND cancel_requested_at IS NOT DISTINCT FROM
+    :expected_cancel_requested_at RETURNING id, history_length`` (SQLite:
+    ``cancel_requested_at IS :expected_cancel_requested_at``); ``lease_token IS
+    NULL`` instead when the change expects no lease (not ``leased``). No row
     comes back when another writer got there first."""
     token = (jobs.c.lease_token == _param("expected_token", jobs.c.lease_token) if leased
              else jobs.c.lease_token.is_(None))
     return (sa.update(jobs)
             .where(jobs.c.id == _param("expected_id", jobs.c.id),
-                   jobs.c.status == _param("expected_status", jobs.c.status), token)
+                   jobs.c.status == _param("expected_status", jobs.c.status), token,
+                   jobs.c.cancel_requested_at.is_not_distinct_from(
+                       _param("expected_cancel_requested_at", jobs.c.cancel_requested_at)))
             .values({c.name: _param(f"job_{c.name}", c) for c in JOB_COLUMNS if c.name != "id"})
             .values(history_length=jobs.c.history_length + 1)
             .returning(jobs.c.id, jobs.c.history_length))
@@ -135,6 +140,8 @@ def postgres_commit_many(shape: BatchShape) -> sa.Select[Any]:
             WHERE id = batch.job_id AND id = ANY(CAST(:batch_job_id AS UUID[]))
               AND status = batch.expected_status
               AND lease_token IS NOT DISTINCT FROM batch.expected_token
+              AND cancel_requested_at IS NOT DISTINCT FROM
+                  batch.expected_cancel_requested_at
             RETURNING id, history_length, batch.event_event, ...),
         logged AS (
             INSERT INTO jobflow_job_events (job_id, seq, event, ...)
@@ -168,7 +175,9 @@ def postgres_commit_many(shape: BatchShape) -> sa.Select[Any]:
     changed = (
         sa.update(jobs)
         .where(*found, jobs.c.status == value["expected_status"],
-               jobs.c.lease_token.is_not_distinct_from(value["expected_token"]))
+               jobs.c.lease_token.is_not_distinct_from(value["expected_token"]),
+               jobs.c.cancel_requested_at.is_not_distinct_from(
+                   value["expected_cancel_requested_at"]))
         .values({name: value[f"job_{name}"] for name in shape.columns})
         .values(history_length=jobs.c.history_length + 1)
         .returning(jobs.c.id, jobs.c.history_length,
@@ -302,8 +311,98 @@ COUNTS = sa.select(jobs.c.status, sa.func.count().label("jobs")).group_by(jobs.c
 """``SELECT status, count(*) AS jobs FROM jobflow_jobs GROUP BY status``"""
 
 
+# -- retention and bulk recovery -------------------------------------------------------------
+
+_FINISHED_BEFORE = _param("finished_before", jobs.c.finished_at)
+
+
+def _finished(status: JobStatus) -> list[sa.ColumnElement[bool]]:
+    """``status = '<status>' AND finished_at < :finished_before``: the jobs a purge
+    deletes, found through the partial index of ``status`` by finished_at."""
+    return [status_is(status), jobs.c.finished_at < _FINISHED_BEFORE]
+
+
+def _oldest_finished(status: JobStatus) -> sa.Select[Any]:
+    """``SELECT id FROM jobflow_jobs WHERE status = '<status>' AND finished_at <
+    :finished_before ORDER BY finished_at, id LIMIT :limit``"""
+    return (sa.select(jobs.c.id).where(*_finished(status))
+            .order_by(jobs.c.finished_at, jobs.c.id).limit(_LIMIT))
+
+
+@functools.lru_cache(maxsize=2)
+def postgres_purge(status: JobStatus) -> ReturningDelete[Any]:
+    """PostgreSQL, one statement: delete a batch of the oldest jobs in ``status``
+    (``done`` or ``failed``) finished before ``:finished_before``, skipping those
+    another transaction holds locked::
+
+        DELETE FROM jobflow_jobs
+        WHERE id = ANY(ARRAY(SELECT id FROM jobflow_jobs WHERE status = '<status>'
+                             AND finished_at < :finished_before
+                             ORDER BY finished_at, id LIMIT :limit
+                             FOR UPDATE SKIP LOCKED))
+          AND status = '<status>' AND finished_at < :finished_before
+        RETURNING *
+
+    The rows locked by the inner select are checked again by the delete, so a
+    job requeued meanwhile is never deleted. Their history goes with them,
+    through the foreign key's ``ON DELETE CASCADE``; the returned rows'
+    ``history_length`` says how many history rows that was."""
+    picked = sa.func.array(
+        _oldest_finished(status).with_for_update(skip_locked=True).scalar_subquery())
+    return (sa.delete(jobs).where(jobs.c.id == sa.any_(picked), *_finished(status))
+            .returning(*jobs.c))
+
+
+@functools.lru_cache(maxsize=2)
+def sqlite_purge_history(status: JobStatus) -> sa.Delete:
+    """SQLite: ``DELETE FROM jobflow_job_events WHERE job_id IN (SELECT id FROM
+    jobflow_jobs WHERE status = '<status>' AND finished_at < :finished_before
+    ORDER BY finished_at, id LIMIT :limit)``: the history of the batch that
+    :func:`sqlite_purge` deletes next, in the same ``BEGIN IMMEDIATE``
+    transaction (deleted explicitly: a host's connection may not enforce
+    foreign keys)."""
+    return sa.delete(events).where(
+        events.c.job_id.in_(_oldest_finished(status).scalar_subquery()))
+
+
+@functools.lru_cache(maxsize=2)
+def sqlite_purge(status: JobStatus) -> ReturningDelete[Any]:
+    """SQLite: ``DELETE FROM jobflow_jobs WHERE id IN (SELECT id ... LIMIT :limit)
+    AND status = '<status>' AND finished_at < :finished_before RETURNING *``,
+    after :func:`sqlite_purge_history` in the same transaction, which holds the
+    database's write lock: the batch is the same."""
+    return (sa.delete(jobs)
+            .where(jobs.c.id.in_(_oldest_finished(status).scalar_subquery()),
+                   *_finished(status))
+            .returning(*jobs.c))
+
+
+@functools.lru_cache(maxsize=2)
+def count_finished(status: JobStatus) -> sa.Select[Any]:
+    """``SELECT count(*) AS jobs, coalesce(sum(history_length), 0) AS events FROM
+    jobflow_jobs WHERE status = '<status>' AND finished_at < :finished_before``"""
+    return (sa.select(sa.func.count().label("jobs"),
+                      sa.func.coalesce(sa.func.sum(jobs.c.history_length), 0).label("events"))
+            .where(*_finished(status)))
+
+
+FAILED_AFTER = (
+    sa.select(jobs)
+    .where(status_is(JobStatus.FAILED),
+           jobs.c.error_code == _param("error_code", jobs.c.error_code),
+           sa.tuple_(jobs.c.finished_at, jobs.c.id)
+           > sa.tuple_(_param("after_finished_at", jobs.c.finished_at),
+                       _param("after_id", jobs.c.id)))
+    .order_by(jobs.c.finished_at, jobs.c.id).limit(_LIMIT))
+"""``SELECT * FROM jobflow_jobs WHERE status = 'failed' AND error_code = :error_code
+AND (finished_at, id) > (:after_finished_at, :after_id) ORDER BY finished_at, id
+LIMIT :limit``: one page of the failed jobs of one cause, through the partial
+index of failed jobs by ``(finished_at, id)``."""
+
+
 __all__ = [
-    "AWAITING_UPLOADS", "COUNTS", "EXISTS", "EXPIRED_LEASES", "FAILED_SINCE", "GET", "HISTORY",
-    "INSERT_EVENT", "INSERT_JOB", "NOTIFY_CHANNEL", "POSTGRES_CREATE", "SQLITE_CLAIM",
-    "compare_and_set", "postgres_claim", "postgres_commit", "postgres_commit_many",
+    "AWAITING_UPLOADS", "COUNTS", "EXISTS", "EXPIRED_LEASES", "FAILED_AFTER", "FAILED_SINCE",
+    "GET", "HISTORY", "INSERT_EVENT", "INSERT_JOB", "NOTIFY_CHANNEL", "POSTGRES_CREATE",
+    "SQLITE_CLAIM", "compare_and_set", "count_finished", "postgres_claim", "postgres_commit",
+    "postgres_commit_many", "postgres_purge", "sqlite_purge", "sqlite_purge_history",
 ]

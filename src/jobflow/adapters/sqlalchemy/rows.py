@@ -82,11 +82,12 @@ def create_params(change: Change) -> dict[str, Any]:
 
 def commit_params(change: Change) -> dict[str, Any]:
     """The parameters of one compare-and-set: the new job values, the history
-    row, and the id, status and lease token the job must still have."""
+    row, and the id, status, lease token and cancel request the job must still have."""
     before = change.before
     assert before is not None
     return {**job_params(change.after), **event_params(change), "expected_id": before.id,
-            "expected_status": before.status, "expected_token": before.lease_token}
+            "expected_status": before.status, "expected_token": before.lease_token,
+            "expected_cancel_requested_at": before.cancel_requested_at}
 
 
 def claim_params(*, worker_id: str, limit: int, now: datetime,
@@ -118,12 +119,13 @@ class BatchShape:
 def batch_fields(columns: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
     """The fields of a PostgreSQL batch that writes ``columns``, and their types:
     the job id, the new values of ``columns``, the history row's ``event_*``
-    values, and the expected status and lease token."""
+    values, and the expected status, lease token and cancel request."""
     return (("job_id", jobs.c.id.type),
             *((f"job_{name}", jobs.c[name].type) for name in columns),
             *((f"event_{name}", events.c[name].type) for name in EVENT_COLUMNS),
             ("expected_status", jobs.c.status.type),
-            ("expected_token", jobs.c.lease_token.type))
+            ("expected_token", jobs.c.lease_token.type),
+            ("expected_cancel_requested_at", jobs.c.cancel_requested_at.type))
 
 
 def batch_params(changes: Sequence[Change]) -> tuple[BatchShape, dict[str, Any]]:
@@ -161,7 +163,8 @@ def _batch_values(change: Change, columns: tuple[str, ...]) -> list[object]:
     before, after = change.before, change.after
     assert before is not None
     return [after.id, *(getattr(after, _FIELD_OF_COLUMN.get(name, name)) for name in columns),
-            *change.history_values(), before.status, before.lease_token]
+            *change.history_values(), before.status, before.lease_token,
+            before.cancel_requested_at]
 
 
 def _all_same(values: Sequence[object]) -> bool:

@@ -34,7 +34,16 @@ from jobflow.adapters.sqlalchemy.transactions import (
     Transactions,
 )
 from jobflow.errors import ConfigurationError, InvalidInput, JobNotFound
-from jobflow.models import Change, Claim, Job, JobEvent, JobStatus, check_batch
+from jobflow.models import (
+    Change,
+    Claim,
+    Job,
+    JobEvent,
+    JobStatus,
+    Purged,
+    check_batch,
+    check_finished_status,
+)
 
 SUPPORTED_DIALECTS = frozenset({"postgresql", "sqlite"})
 
@@ -278,6 +287,38 @@ class SqlAlchemyJobStore:
         with driver_errors("list jobs"):
             rows = self._rows(query, params, write=False)
         return [job_from_row(row) for row in rows]
+
+    # -- retention and bulk recovery -----------------------------------------------------
+
+    def purge_finished(self, *, status: JobStatus, finished_before: datetime,
+                       limit: int) -> Purged:
+        check_finished_status(status)
+        if limit < 1:
+            return Purged()
+        params = {"finished_before": finished_before, "limit": limit}
+        with driver_errors("purge finished jobs"):
+            if self._postgres:
+                rows = self._rows(queries.postgres_purge(status), params)
+            else:
+                with self._transactions.write() as conn:
+                    conn.execute(queries.sqlite_purge_history(status), params)
+                    rows = conn.execute(queries.sqlite_purge(status), params).mappings().all()
+        return Purged(jobs=tuple(job_from_row(row) for row in rows),
+                      events=sum(row["history_length"] for row in rows))
+
+    def count_finished(self, *, status: JobStatus, finished_before: datetime) -> tuple[int, int]:
+        check_finished_status(status)
+        with driver_errors("count finished jobs"):
+            [row] = self._rows(queries.count_finished(status),
+                               {"finished_before": finished_before}, write=False)
+        return int(row["jobs"]), int(row["events"])
+
+    def failed_after(self, *, error_code: str, after: tuple[datetime, str],
+                     limit: int) -> list[Job]:
+        after_finished_at, after_id = after
+        return self._jobs(queries.FAILED_AFTER, {
+            "error_code": error_code, "after_finished_at": after_finished_at,
+            "after_id": after_id, "limit": limit})
 
     def counts(self) -> dict[JobStatus, int]:
         counts = dict.fromkeys(JobStatus, 0)
