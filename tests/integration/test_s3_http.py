@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,12 @@ from jobflow.errors import (
     UploadRejected,
 )
 from jobflow.models import Job, JobEvent
-from tests.fake_aws import REGION, remove_aws_credentials, use_fake_aws_credentials
+from tests.fake_aws import (
+    REGION,
+    remove_aws_credentials,
+    silent_endpoint,
+    use_fake_aws_credentials,
+)
 
 BUCKET = "jobflow-uploads"
 PREFIX = "app-a/"
@@ -584,6 +590,27 @@ def test_an_endpoint_that_refuses_connections_is_unavailable(make_store: MakeSto
         flow.complete_upload(ticket.job_id)
     with pytest.raises(StorageUnavailable):
         flow.objects.open(ticket.key)
+    assert snapshot(flow, ticket.job_id) == before
+
+
+def test_an_endpoint_that_never_answers_is_unavailable_within_its_timeouts(
+        make_store: MakeStore) -> None:
+    """A hung S3 (it accepts connections, then says nothing) costs each call at
+    most its read timeout per try: then StorageUnavailable, nothing changed."""
+    good = make_store()
+    flow = make_flow(good)
+    ticket = flow.initiate_upload("owner-1", content_type="video/mp4")
+    browser_upload(ticket, VIDEO)
+    before = snapshot(flow, ticket.job_id)
+
+    with silent_endpoint() as url:
+        flow.objects = make_store(endpoint_url=url, read_timeout=0.5, max_attempts=2)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="timeout"):
+            flow.complete_upload(ticket.job_id)
+        with pytest.raises(StorageUnavailable):
+            flow.objects.open(ticket.key)
+        assert time.monotonic() - started < 10  # 2 calls x 2 tries x 0.5 s, and backoff
     assert snapshot(flow, ticket.job_id) == before
 
 
