@@ -52,7 +52,12 @@ from jobflow.errors import (
     StorageUnavailable,
     UploadError,
 )
-from jobflow.flow import MAX_LEASE_SECONDS, JobFlow
+from jobflow.flow import (
+    MAX_LEASE_SECONDS,
+    MAX_RECONCILE_BUDGET,
+    RECONCILE_BUDGET_SECONDS,
+    JobFlow,
+)
 from jobflow.logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging, redact
 from jobflow.models import DEFAULT_CONTENT_TYPES, Job, JobStatus, UploadPolicy, media_type
 from jobflow.reporting import (
@@ -554,16 +559,22 @@ def status(options: FlowOptions, stuck_after: float, failed_window: float,
 
 
 @cli.command()
+@env_option("--budget", envvar="JOBFLOW_RECONCILE_BUDGET",
+            type=Seconds(min=0, max=MAX_RECONCILE_BUDGET), default=RECONCILE_BUDGET_SECONDS,
+            show_default=True,
+            help="Seconds the pass may spend checking waiting uploads in the object store "
+                 "(rescuing expired leases comes first and needs none).")
 @json_option
 @flow_options
-def reconcile(options: FlowOptions, as_json: bool) -> int:
-    """Settle waiting uploads and rescue jobs of dead workers, once.
+def reconcile(options: FlowOptions, budget: float, as_json: bool) -> int:
+    """Rescue jobs of dead workers and settle waiting uploads, once.
 
     An upload is queued only when the object store shows a valid object for it;
-    one past its deadline without a valid object fails as expired. Exits 5 when
-    the object store could not be asked about some uploads.
+    one past its deadline without a valid object fails as expired. An
+    unavailable object store stops the upload checks (nothing is expired on
+    its account): exit 5.
     """
-    report = options.open(create=False).reconcile()
+    report = options.open(create=False).reconcile(budget_seconds=budget)
     if as_json:
         _print(dumps(attrs.asdict(report)))
     else:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -73,6 +74,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MAX_ROUNDS = 5
 #: The longest lease a claim or heartbeat may ask for (a week): longer is a mistake.
 MAX_LEASE_SECONDS = 7 * 24 * 3600.0
+#: How long one reconcile pass spends checking waiting uploads by default, seconds.
+RECONCILE_BUDGET_SECONDS = 10.0
+#: The longest budget a reconcile pass takes (an hour).
+MAX_RECONCILE_BUDGET = 3600.0
 
 #: A decision on a lease holder's job, given the evidence.
 _Decide = Callable[[Job, states.Evidence], Change]
@@ -167,6 +172,16 @@ def _duration(value: Any, what: str) -> timedelta:
     if not isinstance(value, timedelta) or not timedelta(0) <= value <= timedelta(days=3650):
         raise InvalidInput(f"{what} must be a timedelta of 0..3650 days, got {value!r}")
     return value
+
+
+def _budget(seconds: Any) -> float:
+    """A reconcile pass's budget: a finite number of seconds in
+    [0, :data:`MAX_RECONCILE_BUDGET`] (0: rescue leases only)."""
+    if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds) or not 0 <= seconds <= MAX_RECONCILE_BUDGET):
+        raise InvalidInput(f"budget_seconds must be a number of seconds in "
+                           f"[0, {MAX_RECONCILE_BUDGET:g}], got {seconds!r}")
+    return float(seconds)
 
 
 def _check_lease(seconds: Any) -> float:
@@ -510,41 +525,75 @@ class JobFlow:
 
     # -- housekeeping ---------------------------------------------------------------
 
-    def reconcile(self, *, limit: int = 500) -> ReconcileReport:
-        """Adopt or expire waiting uploads and rescue jobs whose lease expired.
+    def reconcile(self, *, limit: int = 500,
+                  budget_seconds: float = RECONCILE_BUDGET_SECONDS) -> ReconcileReport:
+        """Rescue jobs whose lease expired, then adopt or expire waiting uploads.
+
+        Two passes. The rescue needs only the job store, and runs first: a
+        slow or hung object store never delays it. Then each waiting upload
+        due for a look (older than the policy's ``adopt_after_seconds``, or
+        past its deadline) is checked with the object store's HEAD, within
+        ``budget_seconds`` of wall time: no check starts once the budget is
+        spent, so the pass ends within the budget plus one check (each
+        bounded by the object store's own timeouts). The first
+        :class:`StorageUnavailable` ends the checks too: that upload is
+        reported ``unavailable``, and the uploads not checked, for either
+        reason, ``skipped``. An outage is never taken for a missing object,
+        and costs one timeout per pass, not one per upload.
 
         Safe to run from many processes at once: every write is compare-and-set.
         An upload is queued only if the object store shows a valid object.
         """
         limit = _limit(limit, "limit", MAX_CLAIM_LIMIT)
+        budget = _budget(budget_seconds)
         now = self.now()
         outcome: dict[str, list[str]] = {name: [] for name in (
-            "adopted", "rejected", "expired", "rescued", "lease_failed", "unavailable")}
-        adopt_before = now - timedelta(seconds=self.policy.adopt_after_seconds)
-        for job in self.store.awaiting_uploads(limit=limit):
-            if job.created_at > adopt_before and job.upload_expires_at > now:
-                continue  # the client is probably still uploading
-            try:
-                info = self.objects.head(job.key)
-                change = states.settle_upload(job, self._evidence(now, obj=info))
-            except UploadMissing:
-                continue
-            except StorageUnavailable:
-                outcome["unavailable"].append(job.id)
-                continue
-            if self._commit_quietly(change):
-                outcome[{Event.VERIFY_UPLOAD: "adopted", Event.REJECT_UPLOAD: "rejected",
-                         Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
-                self._discard_failed_upload(change)
+            "adopted", "rejected", "expired", "rescued", "lease_failed", "unavailable",
+            "skipped")}
+        self._rescue_expired_leases(now, limit, outcome)
+        self._settle_waiting_uploads(now, limit, time.monotonic() + budget, outcome)
+        report = ReconcileReport(**{k: tuple(v) for k, v in outcome.items()})
+        if report.total or report.unavailable or report.skipped:
+            self._log.info("reconcile.done", **{k: len(v) for k, v in outcome.items()})
+        return report
+
+    def _rescue_expired_leases(self, now: datetime, limit: int,
+                               outcome: dict[str, list[str]]) -> None:
+        """Reconcile's first pass: requeue (or fail) jobs whose lease expired."""
         for job in self.store.expired_leases(now=now, limit=limit):
             change = states.apply(job, Event.RESCUE, self._evidence(now))
             if self._commit_quietly(change):
                 key = "rescued" if change.after.status is JobStatus.QUEUED else "lease_failed"
                 outcome[key].append(job.id)
-        report = ReconcileReport(**{k: tuple(v) for k, v in outcome.items()})
-        if report.total or report.unavailable:
-            self._log.info("reconcile.done", **{k: len(v) for k, v in outcome.items()})
-        return report
+
+    def _settle_waiting_uploads(self, now: datetime, limit: int, give_up_at: float,
+                                outcome: dict[str, list[str]]) -> None:
+        """Reconcile's second pass: verify, reject or expire the waiting uploads
+        due for a look, until ``give_up_at`` (``time.monotonic()``) or the
+        object store's first outage."""
+        adopt_before = now - timedelta(seconds=self.policy.adopt_after_seconds)
+        stopped = False
+        for job in self.store.awaiting_uploads(limit=limit):
+            if job.created_at > adopt_before and job.upload_expires_at > now:
+                continue  # the client is probably still uploading
+            if stopped or time.monotonic() >= give_up_at:
+                outcome["skipped"].append(job.id)
+                continue
+            try:
+                info = self.objects.head(job.key)
+                change = states.settle_upload(job, self._evidence(now, obj=info))
+            except UploadMissing:
+                continue
+            except StorageUnavailable as exc:
+                self._log.warning("reconcile.objects_unavailable", job_id=job.id,
+                                  error=str(exc))
+                outcome["unavailable"].append(job.id)
+                stopped = True
+                continue
+            if self._commit_quietly(change):
+                outcome[{Event.VERIFY_UPLOAD: "adopted", Event.REJECT_UPLOAD: "rejected",
+                         Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
+                self._discard_failed_upload(change)
 
     def _discard_failed_upload(self, change: Change) -> None:
         """Delete a rejected or expired upload's object when the policy asks for it.

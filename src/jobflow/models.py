@@ -320,7 +320,12 @@ def check_batch(changes: Sequence[Change]) -> None:
 
 @attrs.frozen
 class ReconcileReport:
-    """What one ``reconcile`` pass did, as job ids per outcome."""
+    """What one ``reconcile`` pass did, as job ids per outcome.
+
+    ``unavailable``: the upload whose check met an object store outage (the
+    pass checked no more); ``skipped``: uploads due for a check that this pass
+    did not make, for that outage or because its time budget was spent.
+    """
 
     adopted: tuple[str, ...] = ()
     rejected: tuple[str, ...] = ()
@@ -328,6 +333,7 @@ class ReconcileReport:
     rescued: tuple[str, ...] = ()
     lease_failed: tuple[str, ...] = ()
     unavailable: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:

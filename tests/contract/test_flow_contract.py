@@ -260,6 +260,50 @@ def test_reconcile_never_queues_without_the_store_showing_the_object(
     assert flow.get(ticket.job_id).status is JobStatus.AWAITING_UPLOAD
 
 
+def test_reconcile_rescues_first_and_one_outage_stops_its_upload_checks(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    """An unavailable object store costs one failed check per pass, not one per
+    upload; nothing waiting is expired on its account, and a dead worker's job
+    is rescued all the same."""
+    dead = queued_job(flow, objects)
+    flow.claim("dead-worker")
+    waiting = []
+    for _ in range(3):
+        ticket = flow.initiate_upload("alice", content_type="video/mp4")
+        objects.put(ticket.key, b"abc", content_type="video/mp4")
+        waiting.append(ticket.job_id)
+        clock.advance(1)  # deadlines in this order
+    clock.advance(POLICY.upload_ttl_seconds)  # every lease and deadline has passed
+    objects.unavailable = True
+
+    report = flow.reconcile()
+
+    assert report.rescued == (dead,)
+    assert report.unavailable == (waiting[0],)
+    assert report.skipped == tuple(waiting[1:])
+    assert report.expired == report.adopted == ()
+    assert all(flow.get(job_id).status is JobStatus.AWAITING_UPLOAD for job_id in waiting)
+    objects.unavailable = False
+    assert flow.reconcile().adopted == tuple(waiting)
+
+
+def test_reconcile_starts_no_upload_check_once_its_budget_is_spent(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    dead = queued_job(flow, objects)
+    flow.claim("dead-worker")
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    objects.put(ticket.key, b"abc", content_type="video/mp4")
+    clock.advance(POLICY.lease_seconds + POLICY.adopt_after_seconds)
+
+    report = flow.reconcile(budget_seconds=0)
+
+    assert (report.rescued, report.skipped, report.adopted) == ((dead,), (ticket.job_id,), ())
+    assert flow.get(ticket.job_id).status is JobStatus.AWAITING_UPLOAD
+    for budget in (-1, float("nan"), float("inf"), 3601, "10", True):
+        with pytest.raises(InvalidInput):
+            flow.reconcile(budget_seconds=budget)  # type: ignore[arg-type]
+
+
 def test_a_job_keeps_the_size_limit_it_was_created_under(
         store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     """A job created under a 64-byte policy stays rejected for a 100-byte object
