@@ -37,6 +37,7 @@ from jobflow.logconfig import library_logger
 from jobflow.models import (
     Change,
     Claim,
+    Deferred,
     ErrorCode,
     Event,
     Failed,
@@ -143,6 +144,19 @@ def _error_text(error: Any) -> str:
     if len(text) > MAX_ERROR_LENGTH:
         text = text[: MAX_ERROR_LENGTH - 3] + "..."
     return text
+
+
+def _retry_in(retry_in: Any) -> timedelta | None:
+    """A delay before the next attempt: None (the policy's) or 0..:data:`MAX_RETRY_DELAY`."""
+    if retry_in is not None and not (isinstance(retry_in, timedelta)
+                                     and timedelta(0) <= retry_in <= MAX_RETRY_DELAY):
+        raise InvalidInput(f"retry_in must be a timedelta of 0..{MAX_RETRY_DELAY.days} "
+                           f"days, got {retry_in!r}")
+    return retry_in
+
+
+def _error_code(code: Any) -> str | None:
+    return None if code is None else check_id(code, "error_code")
 
 
 def _check_claim(claim: Any) -> Claim:
@@ -478,6 +492,16 @@ class JobFlow:
         return self._leased(claim, *self._finishing(Failed(
             claim, error, retryable=retryable, retry_in=retry_in, error_code=error_code)))
 
+    def defer(self, claim: Claim, error: str, *, retry_in: timedelta | None = None,
+              error_code: str | None = None) -> Job:
+        """The attempt could not run for a reason outside the job (the object
+        store was unavailable): back to ``queued`` after the policy's deferral
+        backoff (or ``retry_in``), the attempt given back and counted in
+        ``deferrals``; ``failed`` with ``error_code`` (default
+        ``storage_unavailable``) once the policy's ``max_deferrals`` are spent."""
+        return self._leased(claim, *self._finishing(Deferred(
+            claim, error, retry_in=retry_in, error_code=error_code)))
+
     def release(self, claim: Claim, *, reason: str = "worker shutting down") -> Job:
         """Hand an unfinished job back to ``queued`` without spending an attempt."""
         return self._leased(claim, *self._finishing(Released(claim, reason)))
@@ -485,8 +509,9 @@ class JobFlow:
     def finish_many(self, outcomes: Sequence[Outcome]) -> list[Job | LeaseLost]:
         """End a batch of claimed attempts in one store call (one statement on
         PostgreSQL): each :class:`~jobflow.models.Succeeded`,
-        :class:`~jobflow.models.Failed` or :class:`~jobflow.models.Released`
-        is written as :meth:`succeed`, :meth:`fail` or :meth:`release` would,
+        :class:`~jobflow.models.Failed`, :class:`~jobflow.models.Released` or
+        :class:`~jobflow.models.Deferred` is written as :meth:`succeed`,
+        :meth:`fail`, :meth:`release` or :meth:`defer` would,
         with its own compare-and-set on the lease token and its history row.
 
         Item ``i`` of the answer is the job as written for outcome ``i`` or,
@@ -507,21 +532,19 @@ class JobFlow:
         if isinstance(outcome, Succeeded):
             return self._event(Event.SUCCEED), {"result": json_object(outcome.result, "result")}
         if isinstance(outcome, Failed):
-            retry_in = outcome.retry_in
-            if retry_in is not None and not (isinstance(retry_in, timedelta)
-                                             and timedelta(0) <= retry_in <= MAX_RETRY_DELAY):
-                raise InvalidInput(f"retry_in must be a timedelta of 0..{MAX_RETRY_DELAY.days} "
-                                   f"days, got {retry_in!r}")
             return states.finish_with_error, {
                 "error": _error_text(outcome.error), "retryable": bool(outcome.retryable),
-                "retry_delay": retry_in,
-                "error_code": None if outcome.error_code is None
-                else check_id(outcome.error_code, "error_code")}
+                "retry_delay": _retry_in(outcome.retry_in),
+                "error_code": _error_code(outcome.error_code)}
         if isinstance(outcome, Released):
             return self._event(Event.RELEASE), {
                 "error": _error_text(outcome.reason)}
-        raise InvalidInput(f"finish_many takes Succeeded, Failed or Released outcomes, "
-                           f"not {type(outcome).__name__}")
+        if isinstance(outcome, Deferred):
+            return self._event(Event.DEFER), {
+                "error": _error_text(outcome.error), "retry_delay": _retry_in(outcome.retry_in),
+                "error_code": _error_code(outcome.error_code)}
+        raise InvalidInput(f"finish_many takes Succeeded, Failed, Released or Deferred "
+                           f"outcomes, not {type(outcome).__name__}")
 
     # -- housekeeping ---------------------------------------------------------------
 

@@ -74,6 +74,8 @@ TRANSITIONS = [
     _t(Event.SUCCEED, RUNNING, DONE, ["holds_lease"]),
     _t(Event.RETRY, RUNNING, QUEUED, ["holds_lease", "should_retry"]),
     _t(Event.FAIL, RUNNING, FAILED, ["holds_lease"], ["should_retry"]),
+    _t(Event.DEFER, RUNNING, QUEUED, ["holds_lease", "has_deferrals_left"]),
+    _t(Event.DEFER, RUNNING, FAILED, ["holds_lease"], ["has_deferrals_left"]),
     _t(Event.RESCUE, RUNNING, QUEUED, ["lease_expired", "has_attempts_left"]),
     _t(Event.RESCUE, RUNNING, FAILED, ["lease_expired"], ["has_attempts_left"]),
     _t(Event.RELEASE, RUNNING, QUEUED, ["holds_lease"]),
@@ -188,6 +190,7 @@ GUARDS: Mapping[str, Callable[[Job, Evidence], bool]] = MappingProxyType({
     "upload_verified": lambda job, ev: job.upload_verified_at is not None,
     "is_due": lambda job, ev: job.run_at <= ev.now,
     "has_attempts_left": lambda job, ev: job.attempts < job.max_attempts,
+    "has_deferrals_left": lambda job, ev: job.deferrals < ev.policy.max_deferrals,
     "holds_lease": lambda job, ev: ev.token is not None and ev.token == job.lease_token,
     "should_retry": _should_retry,
     "lease_expired": lambda job, ev: (
@@ -301,6 +304,27 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
                 {"error": ev.error, "error_code": ev.error_code or ErrorCode.HANDLER_ERROR.value,
                  "retryable": ev.retryable},
             )
+        case Event.DEFER, JobStatus.QUEUED:
+            # Something outside the job failed: the attempt is given back and
+            # counted against the deferral budget instead.
+            delay = (ev.retry_delay if ev.retry_delay is not None
+                     else ev.policy.defer_delay(job.deferrals))
+            code = ev.error_code or ErrorCode.STORAGE_UNAVAILABLE.value
+            return (
+                {**_LEASE_FREE, "run_at": now + delay, "attempts": job.attempts - 1,
+                 "deferrals": job.deferrals + 1, "error_code": code,
+                 "error_message": ev.error},
+                {"error": ev.error, "error_code": code,
+                 "retry_in_seconds": delay.total_seconds(), "deferrals": job.deferrals + 1},
+            )
+        case Event.DEFER, _:
+            code = ev.error_code or ErrorCode.STORAGE_UNAVAILABLE.value
+            return (
+                {**_LEASE_FREE, "finished_at": now, "error_code": code,
+                 "error_message": ev.error},
+                {"error": ev.error, "error_code": code, "deferrals": job.deferrals,
+                 "max_deferrals": ev.policy.max_deferrals},
+            )
         case Event.RESCUE, JobStatus.QUEUED:
             return (
                 {**_LEASE_FREE, "run_at": now,
@@ -331,7 +355,7 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
             return (
                 {**_verified(obj, now), "attempts": 0, "run_at": now, "finished_at": None,
                  "error_code": None, "error_message": None, "result": None,
-                 "started_at": None},
+                 "started_at": None, "deferrals": 0},
                 {**_object_detail(obj), "previous_error": job.error_code},
             )
     raise AssertionError(f"no effects defined for {edge}")  # pragma: no cover
