@@ -49,8 +49,9 @@ def running(token: str = "tok") -> Job:
 
 def test_the_table_is_derived_from_the_transitions_machine() -> None:
     assert core.MACHINE.models == []  # no job is ever attached to the machine
-    assert [e.dest for e in core.TABLE[Event.RESCUE, JobStatus.QUICK_RUNNING]] == [
-        JobStatus.QUEUED, JobStatus.FAILED]
+    for event in (Event.RESCUE, Event.DEFER):  # queued while the budget lasts, then failed
+        assert [e.dest for e in core.TABLE[event, JobStatus.QUICK_RUNNING]] == [
+            JobStatus.QUEUED, JobStatus.FAILED]
     assert (Event.CLAIM, JobStatus.AWAITING_UPLOAD) not in core.TABLE
     sources = {s for (_, s) in core.TABLE}
     assert JobStatus.DONE not in sources  # terminal
