@@ -28,6 +28,9 @@ POLICY = UploadPolicy(
     backoff_seconds=10,
     backoff_max_seconds=600,
     adopt_after_seconds=60,
+    max_deferrals=1,  # small, so that runs reach a spent deferral budget
+    defer_seconds=5,
+    defer_max_seconds=60,
 )
 #: A second process's policy over the same store: it allows larger uploads.
 LOOSE_POLICY = attrs.evolve(POLICY, max_bytes=128)
@@ -42,7 +45,7 @@ owners = st.sampled_from(["alice", "bob"])
 workers = st.sampled_from(["worker-1", "worker-2", "worker-3"])
 claim_limits = st.integers(min_value=1, max_value=3)
 #: How a worker ends an attempt in a batch (``JobFlow.finish_many``).
-OUTCOME_KINDS = ("succeeded", "retry", "fail", "release")
+OUTCOME_KINDS = ("succeeded", "retry", "fail", "release", "defer")
 outcome_kinds = st.sampled_from(OUTCOME_KINDS)
 #: Why a job failed (``Job.error_code``): what a bulk requeue picks jobs by.
 FAILURE_CAUSES = ("handler_error", "cancelled", "lease_expired", "upload_rejected",

@@ -3,6 +3,7 @@
 from jobflow.flow import JobFlow
 from jobflow.models import (
     Claim,
+    Deferred,
     Event,
     Failed,
     Job,
@@ -21,6 +22,7 @@ from jobflow.models import (
 
 __all__ = [
     "Claim",
+    "Deferred",
     "Event",
     "Failed",
     "Job",

@@ -52,7 +52,12 @@ from jobflow.errors import (
     StorageUnavailable,
     UploadError,
 )
-from jobflow.flow import MAX_LEASE_SECONDS, JobFlow
+from jobflow.flow import (
+    MAX_LEASE_SECONDS,
+    MAX_RECONCILE_BUDGET,
+    RECONCILE_BUDGET_SECONDS,
+    JobFlow,
+)
 from jobflow.logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging, redact
 from jobflow.models import DEFAULT_CONTENT_TYPES, Job, JobStatus, UploadPolicy, media_type
 from jobflow.reporting import (
@@ -239,6 +244,16 @@ POLICY_OPTIONS = [
                default=_DEFAULT_POLICY.adopt_after_seconds, show_default=True,
                help="Seconds after which reconcile verifies an upload whose client never "
                     "called complete."),
+    env_option("--max-deferrals", envvar="JOBFLOW_MAX_DEFERRALS", type=click.IntRange(min=0),
+               default=_DEFAULT_POLICY.max_deferrals, show_default=True,
+               help="Attempts a job may give back because the object store was unavailable "
+                    "(or its handler raised RetryLater) before it fails."),
+    env_option("--defer-backoff", envvar="JOBFLOW_DEFER_BACKOFF", type=seconds,
+               default=_DEFAULT_POLICY.defer_seconds, show_default=True,
+               help="Seconds a deferred job waits; doubled after each deferral."),
+    env_option("--defer-backoff-max", envvar="JOBFLOW_DEFER_BACKOFF_MAX", type=seconds,
+               default=_DEFAULT_POLICY.defer_max_seconds, show_default=True,
+               help="Longest wait of a deferred job, in seconds."),
     env_option("--delete-rejected-uploads/--keep-rejected-uploads",
                envvar="JOBFLOW_DELETE_REJECTED_UPLOADS",
                default=_DEFAULT_POLICY.delete_rejected_uploads, show_default=True,
@@ -248,7 +263,8 @@ POLICY_OPTIONS = [
 _STORE_FIELDS = ("database_url", "objects_dir", "s3_bucket", "s3_endpoint_url", "s3_region",
                  "s3_prefix", "s3_upload_method")
 _POLICY_FIELDS = ("content_types", "min_bytes", "max_bytes", "upload_ttl", "max_attempts",
-                  "backoff", "backoff_max", "adopt_after", "delete_rejected_uploads")
+                  "backoff", "backoff_max", "adopt_after", "delete_rejected_uploads",
+                  "max_deferrals", "defer_backoff", "defer_backoff_max")
 
 
 @attrs.frozen
@@ -279,7 +295,9 @@ def _policy(values: dict[str, Any]) -> UploadPolicy:
         max_bytes=given["max_bytes"], upload_ttl_seconds=given["upload_ttl"],
         max_attempts=given["max_attempts"], backoff_seconds=given["backoff"],
         backoff_max_seconds=given["backoff_max"], adopt_after_seconds=given["adopt_after"],
-        delete_rejected_uploads=given["delete_rejected_uploads"])
+        delete_rejected_uploads=given["delete_rejected_uploads"],
+        max_deferrals=given["max_deferrals"], defer_seconds=given["defer_backoff"],
+        defer_max_seconds=given["defer_backoff_max"])
 
 
 def flow_options(command: Callable[..., int]) -> Callable[..., int]:
@@ -463,6 +481,13 @@ def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
             show_default=True,
             help="Seconds a finished job's outcome may wait to be written with others, and a "
                  "free slot to be claimed with others.")
+@env_option("--storage-pause", envvar="JOBFLOW_STORAGE_PAUSE", type=seconds, default=1.0,
+            show_default=True,
+            help="Seconds claiming stops after a job met an unavailable object store; "
+                 "doubled while the outage lasts.")
+@env_option("--storage-pause-max", envvar="JOBFLOW_STORAGE_PAUSE_MAX", type=seconds,
+            default=30.0, show_default=True,
+            help="Longest pause of claiming during an object store outage, in seconds.")
 @env_option("--worker-id", envvar="JOBFLOW_WORKER_ID",
             help="Name in job histories. Default: host:pid:random.")
 @env_option("--burst", envvar="JOBFLOW_BURST", is_flag=True,
@@ -471,8 +496,8 @@ def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
 def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: float,
            heartbeat_interval: float | None, poll_interval: float, listen: bool,
            listen_poll_interval: float, reconcile_interval: float, shutdown_grace: float,
-           job_timeout: float | None, flush_interval: float, worker_id: str | None,
-           burst: bool) -> int:
+           job_timeout: float | None, flush_interval: float, storage_pause: float,
+           storage_pause_max: float, worker_id: str | None, burst: bool) -> int:
     """Run a worker until SIGTERM or SIGINT (with --burst: until the queue is empty).
 
     The first signal stops claiming, lets running jobs finish within the grace
@@ -489,7 +514,8 @@ def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: 
         lease_seconds=lease_seconds, heartbeat_interval=heartbeat_interval,
         poll_interval=poll_interval, listen_poll_interval=listen_poll_interval,
         reconcile_interval=reconcile_interval, shutdown_grace=shutdown_grace,
-        job_timeout=job_timeout, flush_interval=flush_interval,
+        job_timeout=job_timeout, flush_interval=flush_interval, storage_pause=storage_pause,
+        storage_pause_max=storage_pause_max,
         wakeup=wakeup_for(flow.store) if listen else PollingWakeup())
     run_until_signalled(running, until_idle=burst)
     return ExitCode.OK
@@ -580,16 +606,22 @@ def status(options: FlowOptions, stuck_after: float, failed_window: float,
 
 
 @cli.command()
+@env_option("--budget", envvar="JOBFLOW_RECONCILE_BUDGET",
+            type=Seconds(min=0, max=MAX_RECONCILE_BUDGET), default=RECONCILE_BUDGET_SECONDS,
+            show_default=True,
+            help="Seconds the pass may spend checking waiting uploads in the object store "
+                 "(rescuing expired leases comes first and needs none).")
 @json_option
 @flow_options
-def reconcile(options: FlowOptions, as_json: bool) -> int:
-    """Settle waiting uploads and rescue jobs of dead workers, once.
+def reconcile(options: FlowOptions, budget: float, as_json: bool) -> int:
+    """Rescue jobs of dead workers and settle waiting uploads, once.
 
     An upload is queued only when the object store shows a valid object for it;
-    one past its deadline without a valid object fails as expired. Exits 5 when
-    the object store could not be asked about some uploads.
+    one past its deadline without a valid object fails as expired. An
+    unavailable object store stops the upload checks (nothing is expired on
+    its account): exit 5.
     """
-    report = options.open(create=False).reconcile()
+    report = options.open(create=False).reconcile(budget_seconds=budget)
     if as_json:
         _print(dumps(attrs.asdict(report)))
     else:

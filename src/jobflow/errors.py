@@ -23,7 +23,8 @@ translate driver errors (SQLAlchemy, botocore, OS errors) into this tree with
     ├── StorageUnavailable
     ├── PermanentStorageError
     ├── PermanentJobError
-    └── JobCancelled
+    ├── JobCancelled
+    └── RetryLater
 
 Whether a failure is worth retrying is part of its class:
 :class:`StorageUnavailable` means the outside world failed and the same call
@@ -33,6 +34,9 @@ fixes the code or the setup.
 """
 
 from __future__ import annotations
+
+import math
+from datetime import timedelta
 
 
 class JobflowError(Exception):
@@ -190,3 +194,25 @@ class JobCancelled(JobflowError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"job {job_id} was asked to stop")
+class RetryLater(JobflowError):
+    """Raised by a handler whose own work failed for a passing reason (a service
+    it calls is down or throttling): run the job again after ``delay``.
+
+    The attempt is *deferred*, not failed: it does not count against the
+    job's ``max_attempts`` but against the policy's ``max_deferrals``; once
+    those are spent the job fails with ``error_code`` (default
+    ``retry_later``). ``delay`` is a number of seconds or a timedelta of 0 to
+    365 days (anything else raises :class:`InvalidInput` here, which fails the
+    attempt as an ordinary error); ``reason`` becomes the job's error message.
+    """
+
+    def __init__(self, delay: float | timedelta, *, reason: str | None = None,
+                 error_code: str | None = None) -> None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+                or not math.isfinite(seconds) or not 0 <= seconds <= 365 * 24 * 3600):
+            raise InvalidInput(f"RetryLater needs a delay of 0..365 days, got {delay!r}")
+        self.delay = timedelta(seconds=seconds)
+        self.reason = reason
+        self.error_code = error_code
+        super().__init__(reason or f"the handler asked to run again in {seconds:g} s")

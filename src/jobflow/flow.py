@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,6 +37,7 @@ from jobflow.logconfig import library_logger
 from jobflow.models import (
     Change,
     Claim,
+    Deferred,
     ErrorCode,
     Event,
     Failed,
@@ -78,6 +80,10 @@ MAX_LEASE_SECONDS = 7 * 24 * 3600.0
 #: Where a bulk requeue without ``since`` starts: before any job finished, and
 #: the smallest job id.
 _BEGINNING = (datetime(1970, 1, 1, tzinfo=UTC), "00000000-0000-0000-0000-000000000000")
+#: How long one reconcile pass spends checking waiting uploads by default, seconds.
+RECONCILE_BUDGET_SECONDS = 10.0
+#: The longest budget a reconcile pass takes (an hour).
+MAX_RECONCILE_BUDGET = 3600.0
 
 #: A decision on a lease holder's job, given the evidence.
 _Decide = Callable[[Job, states.Evidence], Change]
@@ -145,6 +151,19 @@ def _error_text(error: Any) -> str:
     return text
 
 
+def _retry_in(retry_in: Any) -> timedelta | None:
+    """A delay before the next attempt: None (the policy's) or 0..:data:`MAX_RETRY_DELAY`."""
+    if retry_in is not None and not (isinstance(retry_in, timedelta)
+                                     and timedelta(0) <= retry_in <= MAX_RETRY_DELAY):
+        raise InvalidInput(f"retry_in must be a timedelta of 0..{MAX_RETRY_DELAY.days} "
+                           f"days, got {retry_in!r}")
+    return retry_in
+
+
+def _error_code(code: Any) -> str | None:
+    return None if code is None else check_id(code, "error_code")
+
+
 def _check_claim(claim: Any) -> Claim:
     """A claim as :meth:`JobFlow.claim` hands them out (its lease may be lost)."""
     if not (isinstance(claim, Claim) and isinstance(claim.job, Job)
@@ -172,6 +191,16 @@ def _duration(value: Any, what: str) -> timedelta:
     if not isinstance(value, timedelta) or not timedelta(0) <= value <= timedelta(days=3650):
         raise InvalidInput(f"{what} must be a timedelta of 0..3650 days, got {value!r}")
     return value
+
+
+def _budget(seconds: Any) -> float:
+    """A reconcile pass's budget: a finite number of seconds in
+    [0, :data:`MAX_RECONCILE_BUDGET`] (0: rescue leases only)."""
+    if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds) or not 0 <= seconds <= MAX_RECONCILE_BUDGET):
+        raise InvalidInput(f"budget_seconds must be a number of seconds in "
+                           f"[0, {MAX_RECONCILE_BUDGET:g}], got {seconds!r}")
+    return float(seconds)
 
 
 def _check_lease(seconds: Any) -> float:
@@ -480,6 +509,16 @@ class JobFlow:
         return self._leased(claim, *self._finishing(Failed(
             claim, error, retryable=retryable, retry_in=retry_in, error_code=error_code)))
 
+    def defer(self, claim: Claim, error: str, *, retry_in: timedelta | None = None,
+              error_code: str | None = None) -> Job:
+        """The attempt could not run for a reason outside the job (the object
+        store was unavailable): back to ``queued`` after the policy's deferral
+        backoff (or ``retry_in``), the attempt given back and counted in
+        ``deferrals``; ``failed`` with ``error_code`` (default
+        ``storage_unavailable``) once the policy's ``max_deferrals`` are spent."""
+        return self._leased(claim, *self._finishing(Deferred(
+            claim, error, retry_in=retry_in, error_code=error_code)))
+
     def release(self, claim: Claim, *, reason: str = "worker shutting down") -> Job:
         """Hand an unfinished job back to ``queued`` without spending an attempt."""
         return self._leased(claim, *self._finishing(Released(claim, reason)))
@@ -487,8 +526,9 @@ class JobFlow:
     def finish_many(self, outcomes: Sequence[Outcome]) -> list[Job | LeaseLost]:
         """End a batch of claimed attempts in one store call (one statement on
         PostgreSQL): each :class:`~jobflow.models.Succeeded`,
-        :class:`~jobflow.models.Failed` or :class:`~jobflow.models.Released`
-        is written as :meth:`succeed`, :meth:`fail` or :meth:`release` would,
+        :class:`~jobflow.models.Failed`, :class:`~jobflow.models.Released` or
+        :class:`~jobflow.models.Deferred` is written as :meth:`succeed`,
+        :meth:`fail`, :meth:`release` or :meth:`defer` would,
         with its own compare-and-set on the lease token and its history row.
 
         Item ``i`` of the answer is the job as written for outcome ``i`` or,
@@ -509,26 +549,37 @@ class JobFlow:
         if isinstance(outcome, Succeeded):
             return self._event(Event.SUCCEED), {"result": json_object(outcome.result, "result")}
         if isinstance(outcome, Failed):
-            retry_in = outcome.retry_in
-            if retry_in is not None and not (isinstance(retry_in, timedelta)
-                                             and timedelta(0) <= retry_in <= MAX_RETRY_DELAY):
-                raise InvalidInput(f"retry_in must be a timedelta of 0..{MAX_RETRY_DELAY.days} "
-                                   f"days, got {retry_in!r}")
             return states.finish_with_error, {
                 "error": _error_text(outcome.error), "retryable": bool(outcome.retryable),
-                "retry_delay": retry_in,
-                "error_code": None if outcome.error_code is None
-                else check_id(outcome.error_code, "error_code")}
+                "retry_delay": _retry_in(outcome.retry_in),
+                "error_code": _error_code(outcome.error_code)}
         if isinstance(outcome, Released):
             return self._event(Event.RELEASE), {
                 "error": _error_text(outcome.reason)}
-        raise InvalidInput(f"finish_many takes Succeeded, Failed or Released outcomes, "
-                           f"not {type(outcome).__name__}")
+        if isinstance(outcome, Deferred):
+            return self._event(Event.DEFER), {
+                "error": _error_text(outcome.error), "retry_delay": _retry_in(outcome.retry_in),
+                "error_code": _error_code(outcome.error_code)}
+        raise InvalidInput(f"finish_many takes Succeeded, Failed, Released or Deferred "
+                           f"outcomes, not {type(outcome).__name__}")
 
     # -- housekeeping ---------------------------------------------------------------
 
-    def reconcile(self, *, limit: int = 500, rescuer_id: str | None = None) -> ReconcileReport:
-        """Adopt or expire waiting uploads and rescue jobs whose lease expired.
+    def reconcile(self, *, limit: int = 500, rescuer_id: str | None = None,
+                  budget_seconds: float = RECONCILE_BUDGET_SECONDS) -> ReconcileReport:
+        """Rescue jobs whose lease expired, then adopt or expire waiting uploads.
+
+        Two passes. The rescue needs only the job store, and runs first: a
+        slow or hung object store never delays it. Then each waiting upload
+        due for a look (older than the policy's ``adopt_after_seconds``, or
+        past its deadline) is checked with the object store's HEAD, within
+        ``budget_seconds`` of wall time: no check starts once the budget is
+        spent, so the pass ends within the budget plus one check (each
+        bounded by the object store's own timeouts). The first
+        :class:`StorageUnavailable` ends the checks too: that upload is
+        reported ``unavailable``, and the uploads not checked, for either
+        reason, ``skipped``. An outage is never taken for a missing object,
+        and costs one timeout per pass, not one per upload.
 
         Safe to run from many processes at once: every write is compare-and-set.
         An upload is queued only if the object store shows a valid object.
@@ -539,34 +590,55 @@ class JobFlow:
         limit = _limit(limit, "limit", MAX_CLAIM_LIMIT)
         rescuer_id = (default_worker_id() if rescuer_id is None
                       else check_id(rescuer_id, "rescuer_id"))
+        budget = _budget(budget_seconds)
         now = self.now()
         outcome: dict[str, list[str]] = {name: [] for name in (
-            "adopted", "rejected", "expired", "rescued", "lease_failed", "unavailable")}
-        adopt_before = now - timedelta(seconds=self.policy.adopt_after_seconds)
-        for job in self.store.awaiting_uploads(limit=limit):
-            if job.created_at > adopt_before and job.upload_expires_at > now:
-                continue  # the client is probably still uploading
-            try:
-                info = self.objects.head(job.key)
-                change = states.settle_upload(job, self._evidence(now, obj=info))
-            except UploadMissing:
-                continue
-            except StorageUnavailable:
-                outcome["unavailable"].append(job.id)
-                continue
-            if self._commit_quietly(change):
-                outcome[{Event.VERIFY_UPLOAD: "adopted", Event.REJECT_UPLOAD: "rejected",
-                         Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
-                self._discard_failed_upload(change)
+            "adopted", "rejected", "expired", "rescued", "lease_failed", "unavailable",
+            "skipped")}
+        self._rescue_expired_leases(now, limit, outcome, rescuer_id)
+        self._settle_waiting_uploads(now, limit, time.monotonic() + budget, outcome)
+        report = ReconcileReport(**{k: tuple(v) for k, v in outcome.items()})
+        if report.total or report.unavailable or report.skipped:
+            self._log.info("reconcile.done", **{k: len(v) for k, v in outcome.items()})
+        return report
+
+    def _rescue_expired_leases(self, now: datetime, limit: int,
+                               outcome: dict[str, list[str]], rescuer_id: str) -> None:
+        """Reconcile's first pass: requeue (or fail) jobs whose lease expired."""
         for job in self.store.expired_leases(now=now, limit=limit):
             change = states.apply(job, Event.RESCUE, self._evidence(now, worker_id=rescuer_id))
             if self._commit_quietly(change):
                 key = "rescued" if change.after.status is JobStatus.QUEUED else "lease_failed"
                 outcome[key].append(job.id)
-        report = ReconcileReport(**{k: tuple(v) for k, v in outcome.items()})
-        if report.total or report.unavailable:
-            self._log.info("reconcile.done", **{k: len(v) for k, v in outcome.items()})
-        return report
+
+    def _settle_waiting_uploads(self, now: datetime, limit: int, give_up_at: float,
+                                outcome: dict[str, list[str]]) -> None:
+        """Reconcile's second pass: verify, reject or expire the waiting uploads
+        due for a look, until ``give_up_at`` (``time.monotonic()``) or the
+        object store's first outage."""
+        adopt_before = now - timedelta(seconds=self.policy.adopt_after_seconds)
+        stopped = False
+        for job in self.store.awaiting_uploads(limit=limit):
+            if job.created_at > adopt_before and job.upload_expires_at > now:
+                continue  # the client is probably still uploading
+            if stopped or time.monotonic() >= give_up_at:
+                outcome["skipped"].append(job.id)
+                continue
+            try:
+                info = self.objects.head(job.key)
+                change = states.settle_upload(job, self._evidence(now, obj=info))
+            except UploadMissing:
+                continue
+            except StorageUnavailable as exc:
+                self._log.warning("reconcile.objects_unavailable", job_id=job.id,
+                                  error=str(exc))
+                outcome["unavailable"].append(job.id)
+                stopped = True
+                continue
+            if self._commit_quietly(change):
+                outcome[{Event.VERIFY_UPLOAD: "adopted", Event.REJECT_UPLOAD: "rejected",
+                         Event.EXPIRE_UPLOAD: "expired"}[change.event]].append(job.id)
+                self._discard_failed_upload(change)
 
     # -- retention and bulk recovery ------------------------------------------------
 

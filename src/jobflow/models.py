@@ -42,6 +42,7 @@ class Event(enum.StrEnum):
     FAIL = "fail"
     RESCUE = "rescue"
     RELEASE = "release"
+    DEFER = "defer"
     CANCEL = "cancel"
     REQUEUE = "requeue"
     #: Someone asked a running job to stop; it keeps its lease until its worker does.
@@ -56,6 +57,11 @@ class ErrorCode(enum.StrEnum):
     HANDLER_ERROR = "handler_error"
     LEASE_EXPIRED = "lease_expired"
     CANCELLED = "cancelled"
+    #: The object store stayed unavailable through ``max_deferrals`` deferrals
+    #: (also the code of each such deferral's history row).
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    #: The handler raised ``RetryLater`` more than ``max_deferrals`` times.
+    RETRY_LATER = "retry_later"
 
 
 DEFAULT_CONTENT_TYPES = frozenset({"video/mp4", "video/quicktime", "video/x-msvideo"})
@@ -72,6 +78,11 @@ def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
         raise ConfigurationError(f"upload policy: {attribute.name} must be > 0, got {value!r}")
 
 
+def _not_negative(_: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise ConfigurationError(f"upload policy: {attribute.name} must be >= 0, got {value!r}")
+
+
 @attrs.frozen
 class UploadPolicy:
     """What an upload must look like, and how its job is run.
@@ -79,6 +90,13 @@ class UploadPolicy:
     ``min_bytes`` defaults to 1, so an empty object is rejected. With
     ``delete_rejected_uploads``, a rejected or expired upload's object is
     deleted once the job has failed.
+
+    An attempt that could not run for a reason outside the job (the object
+    store was unavailable; the handler raised ``RetryLater``) is *deferred*:
+    it gives its attempt back and the job waits ``defer_seconds``, doubled
+    after each deferral up to ``defer_max_seconds``. A job is deferred at
+    most ``max_deferrals`` times (the budget of the process that writes the
+    outcome); the next such attempt fails it.
     """
 
     max_bytes: int = attrs.field(default=5 * 1024**3, validator=_positive)
@@ -92,6 +110,9 @@ class UploadPolicy:
     backoff_seconds: float = attrs.field(default=10.0, validator=_positive)
     backoff_max_seconds: float = attrs.field(default=3600.0, validator=_positive)
     adopt_after_seconds: float = attrs.field(default=60.0)
+    max_deferrals: int = attrs.field(default=20, validator=_not_negative)
+    defer_seconds: float = attrs.field(default=5.0, validator=_positive)
+    defer_max_seconds: float = attrs.field(default=300.0, validator=_positive)
     #: Remove the object of a rejected or expired upload from the object store.
     delete_rejected_uploads: bool = False
 
@@ -109,6 +130,13 @@ class UploadPolicy:
         """Exponential backoff after the ``attempt``-th attempt failed."""
         seconds = self.backoff_seconds * 2 ** max(attempt - 1, 0)
         return timedelta(seconds=min(seconds, self.backoff_max_seconds))
+
+    def defer_delay(self, deferrals: int) -> timedelta:
+        """Exponential backoff before the job runs again, after ``deferrals``
+        earlier deferrals (0 for the first): ``defer_seconds`` doubled each
+        time, at most ``defer_max_seconds``."""
+        seconds = self.defer_seconds * 2.0 ** min(max(deferrals, 0), 64)
+        return timedelta(seconds=min(seconds, self.defer_max_seconds))
 
 
 @attrs.frozen
@@ -241,8 +269,24 @@ class Released:
     reason: str = "worker shutting down"
 
 
+@attrs.frozen
+class Deferred:
+    """A claimed job's attempt could not run for a reason outside the job: its
+    object store was unavailable, or its handler asked to run later. The job
+    goes back to ``queued`` after ``retry_in`` (default: the policy's
+    :meth:`~UploadPolicy.defer_delay`) without spending an attempt, and its
+    ``deferrals`` count grows; once the policy's ``max_deferrals`` are spent
+    it is ``failed`` instead, with ``error_code`` (default
+    ``storage_unavailable``)."""
+
+    claim: Claim
+    error: str
+    retry_in: timedelta | None = None
+    error_code: str | None = None
+
+
 #: How one claimed attempt ends, as :meth:`~jobflow.JobFlow.finish_many` takes it.
-Outcome = Succeeded | Failed | Released
+Outcome = Succeeded | Failed | Released | Deferred
 
 
 @attrs.frozen
@@ -329,7 +373,12 @@ def check_finished_status(status: JobStatus) -> JobStatus:
 
 @attrs.frozen
 class ReconcileReport:
-    """What one ``reconcile`` pass did, as job ids per outcome."""
+    """What one ``reconcile`` pass did, as job ids per outcome.
+
+    ``unavailable``: the upload whose check met an object store outage (the
+    pass checked no more); ``skipped``: uploads due for a check that this pass
+    did not make, for that outage or because its time budget was spent.
+    """
 
     adopted: tuple[str, ...] = ()
     rejected: tuple[str, ...] = ()
@@ -337,6 +386,7 @@ class ReconcileReport:
     rescued: tuple[str, ...] = ()
     lease_failed: tuple[str, ...] = ()
     unavailable: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:

@@ -74,6 +74,8 @@ TRANSITIONS = [
     _t(Event.SUCCEED, RUNNING, DONE, ["holds_lease"]),
     _t(Event.RETRY, RUNNING, QUEUED, ["holds_lease", "should_retry"]),
     _t(Event.FAIL, RUNNING, FAILED, ["holds_lease"], ["should_retry"]),
+    _t(Event.DEFER, RUNNING, QUEUED, ["holds_lease", "may_defer"]),
+    _t(Event.DEFER, RUNNING, FAILED, ["holds_lease"], ["may_defer"]),
     _t(Event.RESCUE, RUNNING, QUEUED, ["lease_expired", "may_run_again"]),
     _t(Event.RESCUE, RUNNING, FAILED, ["lease_expired"], ["may_run_again"]),
     _t(Event.RELEASE, RUNNING, QUEUED, ["holds_lease"], ["cancel_requested"]),
@@ -183,6 +185,12 @@ def _may_run_again(job: Job, ev: Evidence) -> bool:
     return job.attempts < job.max_attempts and job.cancel_requested_at is None
 
 
+def _may_defer(job: Job, ev: Evidence) -> bool:
+    """Whether an attempt that something outside the job broke may go back to
+    the queue: deferrals are left and nobody asked the job to stop."""
+    return job.deferrals < ev.policy.max_deferrals and job.cancel_requested_at is None
+
+
 def _should_retry(job: Job, ev: Evidence) -> bool:
     return ev.retryable and _may_run_again(job, ev)
 
@@ -197,6 +205,7 @@ GUARDS: Mapping[str, Callable[[Job, Evidence], bool]] = MappingProxyType({
     "is_due": lambda job, ev: job.run_at <= ev.now,
     "has_attempts_left": lambda job, ev: job.attempts < job.max_attempts,
     "may_run_again": _may_run_again,
+    "may_defer": _may_defer,
     "cancel_requested": lambda job, ev: job.cancel_requested_at is not None,
     "holds_lease": lambda job, ev: ev.token is not None and ev.token == job.lease_token,
     "should_retry": _should_retry,
@@ -319,6 +328,27 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
                  "error_message": ev.error},
                 {"error": ev.error, "error_code": code, "retryable": ev.retryable},
             )
+        case Event.DEFER, JobStatus.QUEUED:
+            # Something outside the job failed: the attempt is given back and
+            # counted against the deferral budget instead.
+            delay = (ev.retry_delay if ev.retry_delay is not None
+                     else ev.policy.defer_delay(job.deferrals))
+            code = ev.error_code or ErrorCode.STORAGE_UNAVAILABLE.value
+            return (
+                {**_LEASE_FREE, "run_at": now + delay, "attempts": job.attempts - 1,
+                 "deferrals": job.deferrals + 1, "error_code": code,
+                 "error_message": ev.error},
+                {"error": ev.error, "error_code": code,
+                 "retry_in_seconds": delay.total_seconds(), "deferrals": job.deferrals + 1},
+            )
+        case Event.DEFER, _:
+            code = _failure_code(job, ev.error_code or ErrorCode.STORAGE_UNAVAILABLE.value)
+            return (
+                {**_LEASE_FREE, "finished_at": now, "error_code": code,
+                 "error_message": ev.error},
+                {"error": ev.error, "error_code": code, "deferrals": job.deferrals,
+                 "max_deferrals": ev.policy.max_deferrals},
+            )
         case Event.RESCUE, JobStatus.QUEUED:
             return (
                 {**_LEASE_FREE, "run_at": now,
@@ -359,7 +389,7 @@ def _effects(edge: Edge, job: Job, ev: Evidence) -> tuple[dict[str, Any], JSONDi
             return (
                 {**_verified(obj, now), "attempts": 0, "run_at": now, "finished_at": None,
                  "error_code": None, "error_message": None, "result": None,
-                 "started_at": None, "cancel_requested_at": None},
+                 "started_at": None, "cancel_requested_at": None, "deferrals": 0},
                 {**_object_detail(obj), "previous_error": job.error_code},
             )
     raise AssertionError(f"no effects defined for {edge}")  # pragma: no cover

@@ -31,6 +31,14 @@ Outcomes:
 - the handler returns a JSON object (or None): the job is ``done`` with it as
   its result;
 - it raises :class:`~jobflow.errors.PermanentJobError`: the job fails at once;
+- it lets :class:`~jobflow.errors.StorageUnavailable` or
+  :class:`~jobflow.errors.StoragePermissionDenied` escape (from
+  ``ctx.download()`` or ``ctx.open()``, typically): the attempt is
+  *deferred*, given back without spending one of ``max_attempts``, and the
+  job waits out the policy's deferral backoff (within its ``max_deferrals``);
+  the worker also pauses claiming, longer while the outage lasts;
+- it raises :class:`~jobflow.errors.RetryLater`: deferred the same way, for
+  the delay it asked;
 - it raises anything else: the attempt fails and the job is retried with
   exponential backoff and jitter while attempts remain;
 - it runs past ``job_timeout``: the attempt fails with error code
@@ -67,6 +75,8 @@ from jobflow.errors import (
     LeaseLost,
     ObjectChanged,
     PermanentJobError,
+    RetryLater,
+    StoragePermissionDenied,
     StorageUnavailable,
 )
 from jobflow.flow import JobFlow, json_object
@@ -74,6 +84,7 @@ from jobflow.keys import default_worker_id as default_worker_id  # also public h
 from jobflow.logconfig import library_logger
 from jobflow.models import (
     Claim,
+    Deferred,
     ErrorCode,
     Failed,
     Job,
@@ -90,6 +101,9 @@ from jobflow.wakeup import Wakeup, wakeup_for
 HANDLER_TIMEOUT = "handler_timeout"
 INVALID_RESULT = "invalid_result"
 OBJECT_CHANGED = "object_changed"
+#: The error codes of deferred attempts (see :class:`~jobflow.models.ErrorCode`).
+STORAGE_UNAVAILABLE = ErrorCode.STORAGE_UNAVAILABLE.value
+RETRY_LATER = ErrorCode.RETRY_LATER.value
 
 #: Handler error messages are cut to this many characters before they are stored.
 MAX_ERROR_LENGTH = 2000
@@ -167,7 +181,9 @@ class JobContext:
     """What a handler gets besides the job: its object, progress reports, signals.
 
     ``open()`` and ``download()`` return exactly the object that was verified
-    (:class:`~jobflow.errors.ObjectChanged` if it was replaced since).
+    (:class:`~jobflow.errors.ObjectChanged` if it was replaced since;
+    :class:`~jobflow.errors.StorageUnavailable` if the store cannot be asked,
+    which, left to propagate, defers the attempt).
     """
 
     def __init__(self, worker: Worker, attempt: _Attempt) -> None:
@@ -270,6 +286,12 @@ class Worker:
     ``flush_interval`` is how long a finished attempt's outcome may wait in
     the buffer for others to be written with it, and how long a free slot
     waits for others to be claimed with it while handlers are still running.
+
+    After an attempt deferred because the object store was unavailable the
+    worker stops claiming for ``storage_pause`` seconds, doubled after each
+    later such attempt up to ``storage_pause_max``, and back to none after an
+    attempt that succeeds: while the store keeps failing, the worker does not
+    burn through its queue.
     """
 
     def __init__(self, flow: JobFlow, handler: Handler, *, worker_id: str | None = None,
@@ -277,7 +299,8 @@ class Worker:
                  heartbeat_interval: float | None = None, poll_interval: float = 1.0,
                  listen_poll_interval: float = 10.0, reconcile_interval: float = 30.0,
                  shutdown_grace: float = 25.0, job_timeout: float | None = None,
-                 flush_interval: float = 0.005, wakeup: Wakeup | None = None,
+                 flush_interval: float = 0.005, storage_pause: float = 1.0,
+                 storage_pause_max: float = 30.0, wakeup: Wakeup | None = None,
                  logger: structlog.typing.FilteringBoundLogger | None = None) -> None:
         self.flow = flow
         self.handler = handler
@@ -291,6 +314,8 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.job_timeout = job_timeout
         self.flush_interval = flush_interval
+        self.storage_pause = storage_pause
+        self.storage_pause_max = storage_pause_max
         self._check_settings()
         self._wakeup = wakeup if wakeup is not None else wakeup_for(flow.store)
         self._log: structlog.typing.FilteringBoundLogger = (
@@ -311,6 +336,11 @@ class Worker:
         # When the earliest job this worker sent back for a retry becomes due
         # (time.monotonic()): its NOTIFY came while it was not due yet.
         self._retry_due: float | None = None
+        # Claiming paused for an object store outage: the current pause's length
+        # (0: none), and until when (time.monotonic()).
+        self._pause_lock = threading.Lock()
+        self._pause = 0.0
+        self._paused_until = 0.0
         self._started = False
 
     def _check_settings(self) -> None:
@@ -322,12 +352,18 @@ class Worker:
                     "poll_interval": self.poll_interval,
                     "listen_poll_interval": self.listen_poll_interval,
                     "reconcile_interval": self.reconcile_interval,
-                    "flush_interval": self.flush_interval}
+                    "flush_interval": self.flush_interval,
+                    "storage_pause": self.storage_pause,
+                    "storage_pause_max": self.storage_pause_max}
         if self.job_timeout is not None:
             positive["job_timeout"] = self.job_timeout
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {value!r}")
+        if self.storage_pause_max < self.storage_pause:
+            raise ConfigurationError(
+                f"storage_pause_max ({self.storage_pause_max:g} s) must be at least "
+                f"storage_pause ({self.storage_pause:g} s)")
         if self.shutdown_grace < 0:
             raise ConfigurationError(f"shutdown_grace must be >= 0, got {self.shutdown_grace!r}")
         if self.heartbeat_interval >= self.lease_seconds:
@@ -373,8 +409,8 @@ class Worker:
         """Work until :meth:`stop` is called.
 
         With ``until_idle``, reconcile once, then return as soon as no handler is
-        running, every outcome is written and nothing is due: convenient for
-        scripts and tests.
+        running, every outcome is written and nothing is due (or claiming is
+        paused for an object store outage): convenient for scripts and tests.
         """
         if self._started:
             raise RuntimeError("a Worker runs once; create a new one")
@@ -419,6 +455,13 @@ class Worker:
         partly_free_since: float | None = None
         while not self._stopping.is_set():
             self._wake.clear()
+            paused = self._claims_paused_for()
+            if paused > 0:
+                if until_idle and self.busy == 0:
+                    self._outcomes.write_all()
+                    return  # the object store is unavailable: nothing can run now
+                self._wake.wait(paused)  # stop() wakes it
+                continue
             free = self._capacity() - self.busy
             if 0 < free < self.concurrency:
                 # Handlers are still running: let a few more slots free up, so that
@@ -532,6 +575,11 @@ class Worker:
             self._finish_failed(attempt, exc, retryable=False, error_code=exc.error_code)
         except ObjectChanged as exc:
             self._finish_failed(attempt, exc, retryable=False, error_code=OBJECT_CHANGED)
+        except (StorageUnavailable, StoragePermissionDenied) as exc:
+            self._finish_deferred(attempt, exc, retry_in=None, error_code=STORAGE_UNAVAILABLE)
+        except RetryLater as exc:
+            self._finish_deferred(attempt, exc, retry_in=exc.delay,
+                                  error_code=exc.error_code or RETRY_LATER)
         except BaseException as exc:
             # Anything else, SystemExit included: the attempt failed, not
             # the handler thread, which runs the next job.
@@ -564,6 +612,7 @@ class Worker:
                                outcome="invalid_result", error=str(exc), level="warning")
             return
         self._outcomes.add(attempt, Succeeded(attempt.claim, checked), outcome="succeeded")
+        self._storage_recovered()
 
     def _finish_failed(self, attempt: _Attempt, exc: BaseException, *,
                        retryable: bool, error_code: str | None = None) -> None:
@@ -580,6 +629,24 @@ class Worker:
                            outcome="error", error=message, retryable=retryable,
                            exc_info=None if expected else exc, level="warning")
 
+    def _finish_deferred(self, attempt: _Attempt, exc: JobflowError, *,
+                         retry_in: timedelta | None, error_code: str) -> None:
+        """The attempt met an outage (``retry_in`` None: the object store's; the
+        policy's deferral backoff, with jitter, applies and claiming pauses) or
+        the handler raised :class:`RetryLater`: give it back, deferred."""
+        if not attempt.settle():
+            attempt.log.info("handler.finished", outcome="ignored", reason=attempt.abandoned,
+                             error=error_message(exc), duration_ms=_elapsed_ms(attempt.started))
+            return
+        message = str(exc) if isinstance(exc, RetryLater) else error_message(exc)
+        if retry_in is None:
+            retry_in = self.defer_delay(attempt.claim.job.deferrals)
+            self._storage_outage()
+        self._outcomes.add(attempt, Deferred(attempt.claim, message, retry_in=retry_in,
+                                             error_code=error_code),
+                           outcome="deferred", error=message, error_code=error_code,
+                           retry_in_seconds=retry_in.total_seconds(), level="warning")
+
     def _failure(self, attempt: _Attempt, message: str, *, retryable: bool,
                  error_code: str | None) -> Failed:
         return Failed(attempt.claim, message, retryable=retryable, error_code=error_code,
@@ -590,6 +657,12 @@ class Worker:
         """The policy's exponential backoff after ``attempts`` tries, with jitter:
         a random point in its upper half, so failed jobs do not retry in lockstep."""
         base = self.flow.policy.retry_delay(attempts)
+        return base * (0.5 + 0.5 * self._random.random())
+
+    def defer_delay(self, deferrals: int) -> timedelta:
+        """The policy's deferral backoff after ``deferrals`` earlier deferrals, with
+        jitter (a random point in its upper half), as :meth:`retry_delay`."""
+        base = self.flow.policy.defer_delay(deferrals)
         return base * (0.5 + 0.5 * self._random.random())
 
     def _expect_retry(self, job: Job) -> None:
@@ -603,6 +676,39 @@ class Worker:
             if self._retry_due is None or due < self._retry_due:
                 self._retry_due = due
         self._wake.set()
+
+    # -- pausing claims while the object store is unavailable -------------------------
+
+    def _storage_outage(self) -> None:
+        """An attempt met an unavailable object store: stop claiming for a while,
+        twice as long as last time while the outage lasts. Attempts that meet
+        it during a pause (a batch runs together) do not lengthen the pause."""
+        now = time.monotonic()
+        with self._pause_lock:
+            if now < self._paused_until:
+                return
+            previous = self._pause
+            self._pause = min(previous * 2 if previous else self.storage_pause,
+                              self.storage_pause_max)
+            self._paused_until = now + self._pause
+            pause = self._pause
+        if pause != previous:
+            self._log.warning("worker.claims_paused", seconds=pause,
+                              reason="object store unavailable")
+
+    def _storage_recovered(self) -> None:
+        """An attempt succeeded: claim again at once, and start any later pause afresh."""
+        with self._pause_lock:
+            if not self._pause:
+                return
+            self._pause = self._paused_until = 0.0
+        self._log.info("worker.claims_resumed", reason="an attempt succeeded")
+        self._wake.set()
+
+    def _claims_paused_for(self) -> float:
+        """Seconds left of the current pause (0: claim)."""
+        with self._pause_lock:
+            return max(self._paused_until - time.monotonic(), 0.0)
 
     # -- leases and timeouts ----------------------------------------------------------
 
@@ -830,7 +936,7 @@ class _OutcomeBuffer:
                     if (self._closed_by is not None or self._urgent
                             or len(self._pending) >= worker.concurrency
                             or waited >= worker.flush_interval or not worker.busy):
-                        batch, self._pending = self._pending, []
+                        batch, self._pending = _one_per_job(self._pending)
                         self._writing, self._urgent = len(batch), False
                         return batch
                     self._changed.wait(worker.flush_interval - waited)
@@ -863,7 +969,7 @@ class _OutcomeBuffer:
                 return
             for pending, outcome in zip(batch, written, strict=True):
                 self._report(pending, outcome)
-                if isinstance(outcome, Job) and isinstance(pending.outcome, Failed):
+                if isinstance(outcome, Job) and isinstance(pending.outcome, Failed | Deferred):
                     worker._expect_retry(outcome)
             return
 
@@ -902,8 +1008,24 @@ class _OutcomeBuffer:
             duration_ms=_elapsed_ms(attempt.started), **fields)
 
 
+def _one_per_job(pending: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+    """The outcomes to write now, at most one per job, and those left for the
+    next batch: a stale attempt's outcome can wait beside the same job's next
+    attempt (its lease was rescued and the job claimed again), and a batch
+    takes each job once. Each job's outcomes stay in the order they came."""
+    batch: list[_Pending] = []
+    later: list[_Pending] = []
+    seen: set[str] = set()
+    for item in pending:
+        job_id = item.attempt.job_id
+        (later if job_id in seen else batch).append(item)
+        seen.add(job_id)
+    return batch, later
+
+
 def _write_name(outcome: Outcome) -> str:
-    return {Succeeded: "succeed", Failed: "fail", Released: "release"}[type(outcome)]
+    return {Succeeded: "succeed", Failed: "fail", Released: "release",
+            Deferred: "defer"}[type(outcome)]
 
 
 def _elapsed_ms(started: float) -> int:

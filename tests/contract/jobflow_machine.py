@@ -25,7 +25,18 @@ from hypothesis.stateful import (
     rule,
 )
 
-from jobflow import Claim, Event, Failed, Job, JobFlow, JobStatus, Outcome, Released, Succeeded
+from jobflow import (
+    Claim,
+    Deferred,
+    Event,
+    Failed,
+    Job,
+    JobFlow,
+    JobStatus,
+    Outcome,
+    Released,
+    Succeeded,
+)
 from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.errors import (
@@ -42,7 +53,8 @@ from tests import strategies as S
 from tests.conftest import QUIET_LOGGER
 
 VERIFYING = {Event.VERIFY_UPLOAD, Event.REQUEUE}
-LEASE_EVENTS = {Event.HEARTBEAT, Event.SUCCEED, Event.RETRY, Event.FAIL, Event.RELEASE}
+LEASE_EVENTS = {Event.HEARTBEAT, Event.SUCCEED, Event.RETRY, Event.FAIL, Event.RELEASE,
+                Event.DEFER}
 
 
 class JobFlowMachine(RuleBasedStateMachine):
@@ -295,7 +307,10 @@ class JobFlowMachine(RuleBasedStateMachine):
                         "release": JobStatus.FAILED if asked else JobStatus.QUEUED,
                         "fail": JobStatus.FAILED,
                         "retry": JobStatus.QUEUED if job.attempts < job.max_attempts
-                        and not asked else JobStatus.FAILED}[kind]
+                        and not asked else JobStatus.FAILED,
+                        "defer": JobStatus.QUEUED
+                        if job.deferrals < S.POLICY.max_deferrals and not asked
+                        else JobStatus.FAILED}[kind]
             assert outcome.status is expected, (kind, outcome)
             if kind == "succeeded":
                 assert outcome.result == {"item": index}
@@ -303,6 +318,8 @@ class JobFlowMachine(RuleBasedStateMachine):
                 assert outcome.error_code == "cancelled", (kind, outcome)
             if kind == "release" and not asked:
                 assert outcome.attempts == job.attempts - 1
+            if kind == "defer":
+                self._check_deferred(job, outcome)
 
     @rule(batch=st.lists(claims, min_size=1, max_size=4, unique_by=lambda c: c.job.id))
     def heartbeat_batch(self, batch: list[Claim]) -> None:
@@ -338,6 +355,29 @@ class JobFlowMachine(RuleBasedStateMachine):
             assert job.status is (JobStatus.QUEUED if retried else JobStatus.FAILED)
             if retried:
                 assert job.run_at > self.now
+
+    @rule(worker=S.workers)
+    def attempt_during_outage(self, worker: str) -> None:
+        """A worker claims a job and meets an unavailable object store: the
+        attempt is deferred at once (due again now, so that runs reach a
+        spent deferral budget)."""
+        for claim in self._check_claims(self.flow.claim(worker), worker, 1):
+            before = self.flow.get(claim.job.id)
+            job = self.flow.defer(claim, "object store unavailable", retry_in=timedelta(0))
+            self._check_deferred(before, job, immediate=True)
+
+    def _check_deferred(self, before: Job, job: Job, immediate: bool = False) -> None:
+        """A deferral gives the attempt back and spends one of the deferral
+        budget; with that budget spent, the job fails instead."""
+        asked = before.cancel_requested_at is not None
+        if before.deferrals < S.POLICY.max_deferrals and not asked:
+            assert job.status is JobStatus.QUEUED
+            assert job.run_at == self.now if immediate else job.run_at > self.now
+            assert (job.attempts, job.deferrals) == (before.attempts - 1, before.deferrals + 1)
+        else:
+            assert job.status is JobStatus.FAILED
+            assert (job.attempts, job.deferrals) == (before.attempts, before.deferrals)
+        assert job.error_code == ("cancelled" if asked else "storage_unavailable")
 
     @rule(claim=claims)
     def release(self, claim: Claim) -> None:
@@ -525,9 +565,18 @@ class JobFlowMachine(RuleBasedStateMachine):
                 assert job.max_bytes == policy.max_bytes
                 assert policy.min_bytes <= job.object_size <= policy.max_bytes, (
                     f"job {job.id} was verified against a looser policy than its own")
-            # 5. Bounded attempts.
+            # 5. Bounded attempts, and deferrals bounded by their own budget:
+            # each one since the last requeue is a defer row back to queued.
             assert 0 <= job.attempts <= job.max_attempts
             assert history[-1].attempt == job.attempts
+            assert 0 <= job.deferrals <= S.POLICY.max_deferrals
+            deferred = 0
+            for row in history:
+                if row.event is Event.REQUEUE:
+                    deferred = 0
+                elif row.event is Event.DEFER and row.to_status is JobStatus.QUEUED:
+                    deferred += 1
+            assert job.deferrals == deferred
         assert len(tokens) == len(set(tokens)), "two running jobs share a lease token"
         assert self.flow.counts() == {s: statuses[s] for s in JobStatus}
 
@@ -542,4 +591,6 @@ def _outcome(claim: Claim, kind: str, index: int) -> Outcome:
         return Succeeded(claim, {"item": index})
     if kind == "release":
         return Released(claim)
+    if kind == "defer":
+        return Deferred(claim, "object store unavailable")
     return Failed(claim, "boom", retryable=kind == "retry")

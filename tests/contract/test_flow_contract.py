@@ -11,7 +11,18 @@ import attrs
 import pytest
 import structlog
 
-from jobflow import Claim, Event, Failed, JobFlow, JobStatus, Released, Succeeded
+from jobflow import (
+    Claim,
+    Deferred,
+    Event,
+    Failed,
+    Job,
+    JobFlow,
+    JobStatus,
+    Released,
+    Succeeded,
+    states,
+)
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.errors import (
     ConfigurationError,
@@ -337,6 +348,50 @@ def test_reconcile_never_queues_without_the_store_showing_the_object(
     assert flow.get(ticket.job_id).status is JobStatus.AWAITING_UPLOAD
 
 
+def test_reconcile_rescues_first_and_one_outage_stops_its_upload_checks(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    """An unavailable object store costs one failed check per pass, not one per
+    upload; nothing waiting is expired on its account, and a dead worker's job
+    is rescued all the same."""
+    dead = queued_job(flow, objects)
+    flow.claim("dead-worker")
+    waiting = []
+    for _ in range(3):
+        ticket = flow.initiate_upload("alice", content_type="video/mp4")
+        objects.put(ticket.key, b"abc", content_type="video/mp4")
+        waiting.append(ticket.job_id)
+        clock.advance(1)  # deadlines in this order
+    clock.advance(POLICY.upload_ttl_seconds)  # every lease and deadline has passed
+    objects.unavailable = True
+
+    report = flow.reconcile()
+
+    assert report.rescued == (dead,)
+    assert report.unavailable == (waiting[0],)
+    assert report.skipped == tuple(waiting[1:])
+    assert report.expired == report.adopted == ()
+    assert all(flow.get(job_id).status is JobStatus.AWAITING_UPLOAD for job_id in waiting)
+    objects.unavailable = False
+    assert flow.reconcile().adopted == tuple(waiting)
+
+
+def test_reconcile_starts_no_upload_check_once_its_budget_is_spent(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    dead = queued_job(flow, objects)
+    flow.claim("dead-worker")
+    ticket = flow.initiate_upload("alice", content_type="video/mp4")
+    objects.put(ticket.key, b"abc", content_type="video/mp4")
+    clock.advance(POLICY.lease_seconds + POLICY.adopt_after_seconds)
+
+    report = flow.reconcile(budget_seconds=0)
+
+    assert (report.rescued, report.skipped, report.adopted) == ((dead,), (ticket.job_id,), ())
+    assert flow.get(ticket.job_id).status is JobStatus.AWAITING_UPLOAD
+    for budget in (-1, float("nan"), float("inf"), 3601, "10", True):
+        with pytest.raises(InvalidInput):
+            flow.reconcile(budget_seconds=budget)  # type: ignore[arg-type]
+
+
 def test_a_job_keeps_the_size_limit_it_was_created_under(
         store: JobStore, objects: InMemoryObjectStore, clock: ManualClock) -> None:
     """A job created under a 64-byte policy stays rejected for a 100-byte object
@@ -415,6 +470,60 @@ def test_finish_many_ends_each_attempt_as_its_outcome_says(
         assert flow.get(claim.job.id) == job
         assert flow.history(claim.job.id)[-1].event is event
     assert flow.history(stale.job.id)[-1].event is Event.RELEASE, "a lost lease wrote nothing"
+
+
+def test_a_deferral_gives_the_attempt_back_until_its_budget_is_spent(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    job_id = queued_job(flow, objects)
+    [claim] = flow.claim("w1")
+
+    deferred = flow.defer(claim, "object store unavailable")
+
+    assert (deferred.status, deferred.attempts, deferred.deferrals) == (JobStatus.QUEUED, 0, 1)
+    assert deferred.run_at == clock.now + timedelta(seconds=POLICY.defer_seconds)
+    assert flow.claim("w1") == []  # it backs off like a retry
+    clock.advance(POLICY.defer_seconds)
+    [claim] = flow.claim("w1")
+    assert claim.job.attempts == 1, "the deferred attempt was not counted"
+    # POLICY allows one deferral: the next outage fails the job, in a batch too.
+    [failed] = flow.finish_many([Deferred(claim, "object store still unavailable")])
+    assert isinstance(failed, Job) and failed.status is JobStatus.FAILED
+    assert (failed.error_code, failed.attempts, failed.deferrals) == ("storage_unavailable", 1, 1)
+    history = flow.history(job_id)
+    first, second = [row for row in history if row.event is Event.DEFER]
+    assert (first.to_status, first.attempt) == (JobStatus.QUEUED, 0)
+    assert first.detail == {"error": "object store unavailable",
+                            "error_code": "storage_unavailable",
+                            "retry_in_seconds": POLICY.defer_seconds, "deferrals": 1}
+    assert second.to_status is JobStatus.FAILED
+    assert states.replay(history) is JobStatus.FAILED
+    assert flow.requeue(job_id).deferrals == 0  # a requeue starts both budgets afresh
+
+
+def test_a_batch_mixes_deferrals_with_other_outcomes(
+        flow: JobFlow, objects: InMemoryObjectStore, clock: ManualClock) -> None:
+    for _ in range(4):
+        queued_job(flow, objects)
+    succeeded, deferred, later, failed = flow.claim("w1", limit=4)
+    stale = attrs.evolve(later, token="not-the-lease")
+
+    outcomes = flow.finish_many([
+        Succeeded(succeeded, {"ok": True}),
+        Deferred(deferred, "object store unavailable"),
+        Deferred(later, "busy", retry_in=timedelta(seconds=30), error_code="retry_later"),
+        Failed(failed, "broken", retryable=False),
+    ])
+
+    done, back, back_later, gave_up = outcomes
+    assert isinstance(done, Job) and done.status is JobStatus.DONE
+    assert isinstance(back, Job) and (back.status, back.deferrals) == (JobStatus.QUEUED, 1)
+    assert isinstance(back_later, Job) and back_later.error_code == "retry_later"
+    assert back_later.run_at == clock.now + timedelta(seconds=30)
+    assert isinstance(gave_up, Job) and gave_up.status is JobStatus.FAILED
+    with pytest.raises(LeaseLost):
+        flow.defer(stale, "too late")
+    with pytest.raises(InvalidInput):
+        flow.finish_many([Deferred(deferred, "x", retry_in=timedelta(seconds=-1))])
 
 
 def test_heartbeat_many_renews_every_lease_still_held(

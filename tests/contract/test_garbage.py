@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobflow import Claim, Failed, JobFlow, Released, Succeeded
+from jobflow import Claim, Deferred, Failed, JobFlow, Released, Succeeded
 from jobflow.adapters.memory import InMemoryObjectStore
 from jobflow.errors import JobflowError
 from tests.conftest import QUIET_LOGGER, ManualClock, StoreFactory
@@ -67,11 +67,16 @@ CALLS: dict[str, Any] = {
     "fail retry_in": lambda w, g: w.flow.fail(w.claim, "boom", retry_in=g),
     "fail error code": lambda w, g: w.flow.fail(w.claim, "boom", error_code=g),
     "release reason": lambda w, g: w.flow.release(w.claim, reason=g),
+    "defer error": lambda w, g: w.flow.defer(w.claim, g),
+    "defer retry_in": lambda w, g: w.flow.defer(w.claim, "down", retry_in=g),
+    "defer error code": lambda w, g: w.flow.defer(w.claim, "down", error_code=g),
     "finish_many": lambda w, g: w.flow.finish_many(g),
     "finish_many item": lambda w, g: w.flow.finish_many([g]),
     "finish_many result": lambda w, g: w.flow.finish_many([Succeeded(w.claim, g)]),
     "finish_many failed": lambda w, g: w.flow.finish_many([Failed(w.claim, "x", retry_in=g)]),
     "finish_many released": lambda w, g: w.flow.finish_many([Released(w.claim, g)]),
+    "finish_many deferred": lambda w, g: w.flow.finish_many([Deferred(w.claim, "x",
+                                                                      retry_in=g)]),
     "heartbeat_many": lambda w, g: w.flow.heartbeat_many(g),
     "heartbeat_many lease": lambda w, g: w.flow.heartbeat_many([w.claim], lease_seconds=g),
     "stuck uploads": lambda w, g: w.flow.stuck_uploads(older_than=g),
@@ -83,6 +88,7 @@ CALLS: dict[str, Any] = {
     "requeue_failed code": lambda w, g: w.flow.requeue_failed(g),
     "requeue_failed since": lambda w, g: w.flow.requeue_failed("cancelled", since=g),
     "requeue_failed limit": lambda w, g: w.flow.requeue_failed("cancelled", limit=g),
+    "reconcile budget": lambda w, g: w.flow.reconcile(budget_seconds=g),
 }
 
 

@@ -232,7 +232,7 @@ def test_finish_many_refuses_a_bad_batch_before_writing_anything(
         flow.finish_many([Succeeded(first), Failed(first, "again")])
     with pytest.raises(InvalidInput, match="result"):
         flow.finish_many([Succeeded(first), Succeeded(second, {"not json": object()})])
-    with pytest.raises(InvalidInput, match="Succeeded, Failed or Released"):
+    with pytest.raises(InvalidInput, match="Succeeded, Failed, Released or Deferred"):
         flow.finish_many([Succeeded(first), (second, None)])  # type: ignore[list-item]
     assert [store.get(claim.job.id) for claim in (first, second)] == [first.job, second.job]
     assert flow.finish_many([]) == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,10 +18,12 @@ from jobflow.errors import (
     ConfigurationError,
     InvalidInput,
     ObjectChanged,
+    StorageUnavailable,
     UploadMissing,
     UploadRejected,
 )
-from jobflow.models import PresignedUpload
+from jobflow.models import ObjectInfo, PresignedUpload
+from tests.conftest import ManualClock
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256))
 KEY = "uploads/0b4e9f8e-8d1c-4d39-9a4f-6e1b3f0e7a11"
@@ -329,3 +331,78 @@ def test_a_root_that_is_a_file_is_a_configuration_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigurationError):
         LocalObjectStore(tmp_path / "file")
+
+
+# -- a folder that is not there is an outage, never a missing object -----------------------
+
+
+def every_read(store: LocalObjectStore, verified: ObjectInfo,
+               tmp_path: Path) -> list[Callable[[], object]]:
+    return [lambda: store.head(KEY),
+            lambda: store.open(KEY, expected=verified),
+            lambda: store.download(KEY, tmp_path / "copy", expected=verified),
+            lambda: store.put("uploads/other", VIDEO, content_type="video/mp4"),
+            lambda: store.delete(KEY)]
+
+
+def test_a_folder_renamed_away_is_unavailable_until_it_returns(store: LocalObjectStore,
+                                                               tmp_path: Path) -> None:
+    verified = store.put(KEY, VIDEO, content_type="video/mp4")
+    store.root.rename(tmp_path / "away")
+
+    for call in every_read(store, verified, tmp_path):
+        with pytest.raises(StorageUnavailable, match="unavailable"):
+            call()
+    assert not store.root.exists(), "a write recreated the folder"
+
+    (tmp_path / "away").rename(store.root)
+    assert store.head(KEY) == verified
+    with store.open(KEY, expected=verified) as stream:
+        assert stream.read() == VIDEO
+
+
+def test_an_empty_mount_point_is_unavailable_and_gets_no_objects(store: LocalObjectStore,
+                                                                 tmp_path: Path) -> None:
+    """An unmounted volume leaves its empty mount point behind: that folder has
+    no objects because it is not the store, not because they are missing."""
+    verified = store.put(KEY, VIDEO, content_type="video/mp4")
+    store.root.rename(tmp_path / "volume")
+    store.root.mkdir()
+
+    for call in every_read(store, verified, tmp_path):
+        with pytest.raises(StorageUnavailable, match="mounted"):
+            call()
+    assert list(store.root.iterdir()) == [], "something was written into the mount point"
+
+
+def test_reconcile_and_complete_change_nothing_while_the_folder_is_gone(
+        store: LocalObjectStore, tmp_path: Path) -> None:
+    clock = ManualClock()
+    flow = JobFlow(store=InMemoryJobStore(), objects=store, clock=clock,
+                   policy=UploadPolicy(upload_ttl_seconds=60))
+    waiting = flow.initiate_upload("owner-1", content_type="video/mp4")
+    deliver(waiting, VIDEO)
+    store.root.rename(tmp_path / "away")
+    clock.advance(61)  # the deadline passed: only a valid object can save the job
+
+    with pytest.raises(StorageUnavailable):
+        flow.complete_upload(waiting.job_id)
+    report = flow.reconcile()
+
+    assert report.unavailable == (waiting.job_id,) and report.expired == ()
+    assert flow.get(waiting.job_id).status is JobStatus.AWAITING_UPLOAD
+    (tmp_path / "away").rename(store.root)
+    assert flow.reconcile().adopted == (waiting.job_id,)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder whatever its mode")
+def test_an_unreadable_folder_is_unavailable(store: LocalObjectStore, tmp_path: Path) -> None:
+    verified = store.put(KEY, VIDEO, content_type="video/mp4")
+    store.root.chmod(0)
+    try:
+        for call in every_read(store, verified, tmp_path):
+            with pytest.raises(StorageUnavailable):
+                call()
+    finally:
+        store.root.chmod(0o755)
+    assert store.head(KEY) == verified

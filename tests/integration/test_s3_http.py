@@ -14,6 +14,8 @@ import base64
 import hashlib
 import json
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
 from structlog.testing import capture_logs
 
-from jobflow import JobFlow, JobStatus, UploadPolicy, UploadTicket
+from jobflow import JobFlow, JobStatus, ReconcileReport, UploadPolicy, UploadTicket
 from jobflow.adapters.memory import InMemoryJobStore
 from jobflow.adapters.s3 import S3ObjectStore, UploadMethod
 from jobflow.errors import (
@@ -41,7 +43,12 @@ from jobflow.errors import (
     UploadRejected,
 )
 from jobflow.models import Job, JobEvent
-from tests.fake_aws import REGION, remove_aws_credentials, use_fake_aws_credentials
+from tests.fake_aws import (
+    REGION,
+    remove_aws_credentials,
+    silent_endpoint,
+    use_fake_aws_credentials,
+)
 
 BUCKET = "jobflow-uploads"
 PREFIX = "app-a/"
@@ -585,6 +592,59 @@ def test_an_endpoint_that_refuses_connections_is_unavailable(make_store: MakeSto
     with pytest.raises(StorageUnavailable):
         flow.objects.open(ticket.key)
     assert snapshot(flow, ticket.job_id) == before
+
+
+def test_an_endpoint_that_never_answers_is_unavailable_within_its_timeouts(
+        make_store: MakeStore) -> None:
+    """A hung S3 (it accepts connections, then says nothing) costs each call at
+    most its read timeout per try: then StorageUnavailable, nothing changed."""
+    good = make_store()
+    flow = make_flow(good)
+    ticket = flow.initiate_upload("owner-1", content_type="video/mp4")
+    browser_upload(ticket, VIDEO)
+    before = snapshot(flow, ticket.job_id)
+
+    with silent_endpoint() as url:
+        flow.objects = make_store(endpoint_url=url, read_timeout=0.5, max_attempts=2)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="timeout"):
+            flow.complete_upload(ticket.job_id)
+        with pytest.raises(StorageUnavailable):
+            flow.objects.open(ticket.key)
+        assert time.monotonic() - started < 10  # 2 calls x 2 tries x 0.5 s, and backoff
+    assert snapshot(flow, ticket.job_id) == before
+
+
+def test_reconcile_rescues_a_dead_workers_job_while_s3_hangs(make_store: MakeStore) -> None:
+    """A hung S3 and one waiting upload: the expired lease is rescued at once,
+    not after the upload's check times out, and the upload is left waiting."""
+    flow = make_flow(make_store(), attrs.evolve(POLICY, lease_seconds=0.2,
+                                                adopt_after_seconds=0))
+    dead = flow.initiate_upload("owner-1", content_type="video/mp4")
+    browser_upload(dead, VIDEO)
+    flow.complete_upload(dead.job_id)
+    flow.claim("dead-worker")
+    waiting = flow.initiate_upload("owner-1", content_type="video/mp4")
+    browser_upload(waiting, VIDEO)
+    before = snapshot(flow, waiting.job_id)
+    time.sleep(0.3)  # the dead worker's lease runs out
+
+    with silent_endpoint() as url:
+        flow.objects = make_store(endpoint_url=url, read_timeout=3.0, max_attempts=2)
+        reports: list[ReconcileReport] = []
+        thread = threading.Thread(target=lambda: reports.append(flow.reconcile()))
+        thread.start()
+        give_up = time.monotonic() + 3.0  # well before the upload's check times out
+        while flow.get(dead.job_id).status is not JobStatus.QUEUED:
+            assert time.monotonic() < give_up, "the rescue waited behind the hung S3"
+            time.sleep(0.01)
+        assert thread.is_alive(), "the upload's check did not even reach the hung S3"
+        thread.join(30)
+
+    [report] = reports
+    assert report.rescued == (dead.job_id,)
+    assert report.unavailable == (waiting.job_id,) and report.expired == ()
+    assert snapshot(flow, waiting.job_id) == before
 
 
 def test_missing_credentials_are_a_configuration_error(make_store: MakeStore,

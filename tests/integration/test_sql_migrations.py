@@ -62,7 +62,7 @@ def unverified_job(engine: sa.Engine) -> str:
 def test_upgrade_downgrade_upgrade(engine: sa.Engine) -> None:
     assert jobflow.migrations.current(engine) is None
     jobflow.migrations.upgrade(engine)
-    assert jobflow.migrations.current(engine) == jobflow.migrations.head() == "0004"
+    assert jobflow.migrations.current(engine) == jobflow.migrations.head() == "0005"
     assert table_names(engine) >= JOBFLOW_TABLES
     unverified_job(engine)  # the schema takes a job
 
@@ -75,13 +75,13 @@ def test_upgrade_downgrade_upgrade(engine: sa.Engine) -> None:
                 "SELECT count(*) FROM pg_type WHERE typname = 'jobflow_job_status'")).scalar() == 0
 
     jobflow.migrations.upgrade(engine)
-    assert jobflow.migrations.current(engine) == "0004"
+    assert jobflow.migrations.current(engine) == "0005"
     assert schema_drift(engine) == []
 
 
 def test_upgrade_takes_a_url_too(empty_database: sa.URL) -> None:
     jobflow.migrations.upgrade(empty_database.render_as_string(hide_password=False))
-    assert jobflow.migrations.current(empty_database) == "0004"
+    assert jobflow.migrations.current(empty_database) == "0005"
 
 
 def test_the_migrations_build_exactly_the_models(engine: sa.Engine) -> None:
@@ -163,8 +163,8 @@ NEW_LABEL_MIGRATION = '''
 
     from alembic import op
 
-    revision = "0004_example"
-    down_revision = "0004"
+    revision = "0005_example"
+    down_revision = "0005"
     branch_labels = None
     depends_on = None
 
@@ -209,7 +209,7 @@ def test_a_status_label_migration_runs_on_both_databases(engine: sa.Engine,
                                                          tmp_path: Path) -> None:
     folder = tmp_path / "more_versions"
     folder.mkdir()
-    (folder / "0004_example.py").write_text(textwrap.dedent(NEW_LABEL_MIGRATION))
+    (folder / "0005_example.py").write_text(textwrap.dedent(NEW_LABEL_MIGRATION))
     jobflow.migrations.upgrade(engine)
     job_id = unverified_job(engine)
     set_label = sa.text("UPDATE jobflow_jobs SET status = 'slow_running', "
@@ -227,8 +227,8 @@ def test_a_status_label_migration_runs_on_both_databases(engine: sa.Engine,
         # ...and the rebuilt table still refuses an unverified queued job.
         conn.execute(sa.text("UPDATE jobflow_jobs SET status = 'queued'"))
 
-    migrate_with_example(engine, folder, "downgrade", "0004")
-    assert jobflow.migrations.current(engine) == "0004"
+    migrate_with_example(engine, folder, "downgrade", "0005")
+    assert jobflow.migrations.current(engine) == "0005"
     if engine.dialect.name == "sqlite":
         with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
             conn.execute(set_label)
@@ -260,3 +260,27 @@ def test_jobs_from_before_the_size_range_keep_working_after_0002(engine: sa.Engi
     assert flow.complete_upload(old.id).status is JobStatus.QUEUED
     new = flow.get(flow.initiate_upload("alice", content_type="video/mp4").job_id)
     assert (new.min_bytes, new.max_bytes) == (flow.policy.min_bytes, flow.policy.max_bytes)
+
+
+def test_a_downgrade_below_0005_keeps_deferred_history(engine: sa.Engine) -> None:
+    """Revision 0004 does not know the ``defer`` event: its history rows stop a
+    downgrade instead of being dropped; without them the downgrade runs."""
+    jobflow.migrations.upgrade(engine)
+    job_id = unverified_job(engine)
+    insert = sa.text(
+        "INSERT INTO jobflow_job_events (job_id, seq, event, to_status, at, attempt, detail) "
+        "SELECT id, 2, 'defer', status, created_at, 0, params FROM jobflow_jobs")
+    with engine.begin() as conn:
+        conn.execute(insert)
+
+    with pytest.raises(RuntimeError, match="defer"):
+        jobflow.migrations.downgrade(engine, "0004")
+    assert jobflow.migrations.current(engine) == "0005"
+    assert [row.event for row in SqlAlchemyJobStore(engine).history(job_id)] == [
+        Event.CREATED, Event.DEFER]
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM jobflow_job_events WHERE event = 'defer'"))
+    jobflow.migrations.downgrade(engine, "0004")
+    with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
+        conn.execute(insert)

@@ -49,8 +49,9 @@ def running(token: str = "tok") -> Job:
 
 def test_the_table_is_derived_from_the_transitions_machine() -> None:
     assert core.MACHINE.models == []  # no job is ever attached to the machine
-    assert [e.dest for e in core.TABLE[Event.RESCUE, JobStatus.QUICK_RUNNING]] == [
-        JobStatus.QUEUED, JobStatus.FAILED]
+    for event in (Event.RESCUE, Event.DEFER):  # queued while the budget lasts, then failed
+        assert [e.dest for e in core.TABLE[event, JobStatus.QUICK_RUNNING]] == [
+            JobStatus.QUEUED, JobStatus.FAILED]
     assert (Event.CLAIM, JobStatus.AWAITING_UPLOAD) not in core.TABLE
     sources = {s for (_, s) in core.TABLE}
     assert JobStatus.DONE not in sources  # terminal
@@ -124,7 +125,7 @@ def test_claim_needs_a_verified_due_job_with_attempts_left() -> None:
     assert job.lease_expires_at == START + timedelta(seconds=POLICY.lease_seconds)
 
 
-@pytest.mark.parametrize("event", [Event.HEARTBEAT, Event.SUCCEED, Event.RELEASE])
+@pytest.mark.parametrize("event", [Event.HEARTBEAT, Event.SUCCEED, Event.RELEASE, Event.DEFER])
 def test_lease_events_are_fenced_by_the_token(event: Event) -> None:
     with pytest.raises(LeaseLost):
         core.apply(running("mine"), event, evidence(token="stale"))
@@ -164,14 +165,57 @@ def test_release_hands_the_job_back_without_spending_an_attempt() -> None:
     assert released.status is JobStatus.QUEUED and released.attempts == job.attempts - 1
 
 
+def test_a_deferral_gives_the_attempt_back_and_backs_off_on_its_own_budget() -> None:
+    job = running()
+    change = core.apply(job, Event.DEFER, evidence(token="tok", error="S3 is down"))
+    deferred = change.after
+    assert (change.event, deferred.status) == (Event.DEFER, JobStatus.QUEUED)
+    assert (deferred.attempts, deferred.deferrals) == (job.attempts - 1, 1)
+    assert deferred.run_at == START + timedelta(seconds=POLICY.defer_seconds)
+    assert (deferred.error_code, deferred.lease_token) == ("storage_unavailable", None)
+    assert change.detail == {"error": "S3 is down", "error_code": "storage_unavailable",
+                             "retry_in_seconds": POLICY.defer_seconds, "deferrals": 1}
+    # The next deferral waits twice as long; a given delay and code win.
+    again = core.apply(attrs.evolve(job, deferrals=1), Event.DEFER, core.Evidence(
+        now=START, policy=attrs.evolve(POLICY, max_deferrals=2), token="tok",
+        error="down")).after
+    assert again.run_at == START + timedelta(seconds=2 * POLICY.defer_seconds)
+    later = core.apply(job, Event.DEFER, evidence(token="tok", error="busy",
+                                                  retry_delay=timedelta(seconds=42),
+                                                  error_code="retry_later")).after
+    assert (later.run_at, later.error_code) == (START + timedelta(seconds=42), "retry_later")
+
+
+def test_a_spent_deferral_budget_fails_the_job_with_the_deferrals_code() -> None:
+    spent = attrs.evolve(running(), deferrals=POLICY.max_deferrals)
+    change = core.apply(spent, Event.DEFER, evidence(token="tok", error="S3 is down"))
+    failed = change.after
+    assert (change.event, failed.status, failed.error_code) == (
+        Event.DEFER, JobStatus.FAILED, "storage_unavailable")
+    assert (failed.attempts, failed.deferrals) == (spent.attempts, POLICY.max_deferrals)
+    assert change.detail["max_deferrals"] == POLICY.max_deferrals
+    never = UploadPolicy(max_deferrals=0)
+    first = core.apply(running(), Event.DEFER, core.Evidence(now=START, policy=never,
+                                                             token="tok", error="down"))
+    assert first.after.status is JobStatus.FAILED
+
+
+def test_deferral_backoff_doubles_and_is_capped() -> None:
+    policy = UploadPolicy(defer_seconds=5, defer_max_seconds=300)
+    assert [policy.defer_delay(n).total_seconds() for n in (0, 1, 2, 6, 10_000)] == [
+        5, 10, 20, 300, 300]
+
+
 def test_requeue_verifies_the_object_again() -> None:
     failed = core.apply(queued(), Event.CANCEL, evidence()).after
     with pytest.raises(UploadMissing):
         core.apply(failed, Event.REQUEUE, evidence())
     with pytest.raises(UploadRejected):
         core.apply(failed, Event.REQUEUE, evidence(obj=obj(size=0)))
-    job = core.apply(failed, Event.REQUEUE, evidence(obj=obj(size=7))).after
-    assert job.status is JobStatus.QUEUED and job.object_size == 7 and job.attempts == 0
+    job = core.apply(attrs.evolve(failed, deferrals=3), Event.REQUEUE,
+                     evidence(obj=obj(size=7))).after
+    assert job.status is JobStatus.QUEUED and job.object_size == 7
+    assert (job.attempts, job.deferrals) == (0, 0)  # a fresh start, both budgets included
 
 
 @given(st.lists(st.sampled_from(list(Event)), max_size=12))
@@ -198,7 +242,8 @@ def test_replay_rejects_an_inconsistent_history() -> None:
 @pytest.mark.parametrize("changes", [
     {"max_bytes": 0}, {"min_bytes": -1}, {"min_bytes": 10, "max_bytes": 5},
     {"allowed_content_types": []}, {"lease_seconds": 0}, {"max_attempts": 0},
-    {"upload_ttl_seconds": -5},
+    {"upload_ttl_seconds": -5}, {"max_deferrals": -1}, {"defer_seconds": 0},
+    {"defer_max_seconds": -1},
 ])
 def test_a_malformed_policy_is_refused(changes: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError, match="upload policy"):

@@ -15,6 +15,14 @@ write, so an object replaced with identical bytes is still seen as replaced.
 A file in the folder without matching metadata (copied in by hand, or
 modified in place) is not an object: ``head`` reports nothing.
 
+The ``.jobflow`` folder is also the store's marker. "No object" is an answer
+only the folder itself can give: when the root is gone (renamed away, an
+unmounted volume whose empty mount point remains), is not a folder, cannot be
+read, or has lost its ``.jobflow`` folder, every call raises
+:class:`~jobflow.errors.StorageUnavailable` instead, never "no object" or
+"object changed", and writes create nothing in the wrong place. Only the
+constructor creates the marker.
+
 Keys never escape the folder: :func:`jobflow.keys.check_key` refuses
 absolute keys and ``..``, the ``.jobflow`` name is reserved, and every
 directory is opened relative to its parent with ``O_NOFOLLOW``, so a
@@ -113,6 +121,12 @@ class LocalObjectStore:
             raise ConfigurationError(f"cannot use {root} as the object folder: {exc}") from exc
         try:
             with self._fs_errors("prepare", str(self._root)):
+                root_fd = os.open(self._root, _DIR_FLAGS)
+                try:
+                    with suppress(FileExistsError):
+                        os.mkdir(STATE_DIR, dir_fd=root_fd)  # the marker (see above)
+                finally:
+                    os.close(root_fd)
                 for parts in (_META, _TMP):
                     os.close(self._open_dir(parts, create=True))
         except InvalidInput as exc:
@@ -346,9 +360,34 @@ class LocalObjectStore:
             if own:
                 os.close(fd)
 
+    def _open_root(self) -> int:
+        """A descriptor of the root folder, which must still hold its ``.jobflow``
+        marker: a root that is gone, unreadable or unmarked is an outage
+        (:class:`StorageUnavailable`), never a folder without objects."""
+        try:
+            fd = os.open(self._root, _DIR_FLAGS)
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            raise StorageUnavailable(
+                f"the object folder {self._root} is unavailable ({exc.strerror}): is its "
+                "volume mounted and readable?") from exc
+        try:
+            marker = os.stat(STATE_DIR, dir_fd=fd, follow_symlinks=False)
+        except (FileNotFoundError, PermissionError) as exc:
+            os.close(fd)
+            raise StorageUnavailable(
+                f"the object folder {self._root} has no readable {STATE_DIR} folder "
+                f"({exc.strerror}): is its volume mounted?") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        if stat.S_ISLNK(marker.st_mode):
+            os.close(fd)
+            raise _symlink_refused(self._root, STATE_DIR)
+        return fd
+
     def _open_dir(self, parts: Iterable[str], *, create: bool) -> int:
         """A descriptor of ``root/parts...``, refusing symbolic links on the way."""
-        fd = os.open(self._root, _DIR_FLAGS)
+        fd = self._open_root()
         try:
             for part in parts:
                 if create:

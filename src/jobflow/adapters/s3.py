@@ -18,7 +18,9 @@ S3 says                                                    jobflow says
 ========================================================  =====================================
 
 ``StorageUnavailable`` is raised only after boto3's own retries (standard
-mode) gave up.
+mode) gave up; a client built here waits at most ``connect_timeout`` for a
+connection and ``read_timeout`` for each answer, ``max_attempts`` times (see
+:data:`DEFAULT_READ_TIMEOUT`).
 
 Presigned uploads are always signed with Signature Version 4 (SigV2 URLs,
 ``AWSAccessKeyId=...&Signature=...``, are refused by every region opened
@@ -79,10 +81,14 @@ if TYPE_CHECKING:
 UploadMethod = Literal["PUT", "POST"]
 AddressingStyle = Literal["auto", "virtual", "path"]
 
-#: Production defaults for a client jobflow builds itself.
-DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_READ_TIMEOUT = 60.0
-DEFAULT_MAX_ATTEMPTS = 5
+#: Production defaults for a client jobflow builds itself. They bound one call
+#: to an S3 that hangs (accepts connections, never answers) at about
+#: ``DEFAULT_MAX_ATTEMPTS * DEFAULT_READ_TIMEOUT`` seconds plus botocore's
+#: backoff, about 33 s, instead of boto3's five minutes: a read timeout is the
+#: longest silence between two packets, not a limit on a whole download.
+DEFAULT_CONNECT_TIMEOUT = 3.0
+DEFAULT_READ_TIMEOUT = 10.0
+DEFAULT_MAX_ATTEMPTS = 3
 #: SigV4 presigned URLs and POST policies cannot outlive a week.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 #: S3 limits a key to 1024 bytes of UTF-8, prefix included.
