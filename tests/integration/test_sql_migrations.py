@@ -62,7 +62,7 @@ def unverified_job(engine: sa.Engine) -> str:
 def test_upgrade_downgrade_upgrade(engine: sa.Engine) -> None:
     assert jobflow.migrations.current(engine) is None
     jobflow.migrations.upgrade(engine)
-    assert jobflow.migrations.current(engine) == jobflow.migrations.head() == "0002"
+    assert jobflow.migrations.current(engine) == jobflow.migrations.head() == "0005"
     assert table_names(engine) >= JOBFLOW_TABLES
     unverified_job(engine)  # the schema takes a job
 
@@ -75,13 +75,13 @@ def test_upgrade_downgrade_upgrade(engine: sa.Engine) -> None:
                 "SELECT count(*) FROM pg_type WHERE typname = 'jobflow_job_status'")).scalar() == 0
 
     jobflow.migrations.upgrade(engine)
-    assert jobflow.migrations.current(engine) == "0002"
+    assert jobflow.migrations.current(engine) == "0005"
     assert schema_drift(engine) == []
 
 
 def test_upgrade_takes_a_url_too(empty_database: sa.URL) -> None:
     jobflow.migrations.upgrade(empty_database.render_as_string(hide_password=False))
-    assert jobflow.migrations.current(empty_database) == "0002"
+    assert jobflow.migrations.current(empty_database) == "0005"
 
 
 def test_the_migrations_build_exactly_the_models(engine: sa.Engine) -> None:
@@ -164,7 +164,7 @@ NEW_LABEL_MIGRATION = '''
     from alembic import op
 
     revision = "0003_example"
-    down_revision = "0002"
+    down_revision = "0005"
     branch_labels = None
     depends_on = None
 
@@ -227,8 +227,8 @@ def test_a_status_label_migration_runs_on_both_databases(engine: sa.Engine,
         # ...and the rebuilt table still refuses an unverified queued job.
         conn.execute(sa.text("UPDATE jobflow_jobs SET status = 'queued'"))
 
-    migrate_with_example(engine, folder, "downgrade", "0002")
-    assert jobflow.migrations.current(engine) == "0002"
+    migrate_with_example(engine, folder, "downgrade", "0005")
+    assert jobflow.migrations.current(engine) == "0005"
     if engine.dialect.name == "sqlite":
         with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
             conn.execute(set_label)

@@ -53,7 +53,7 @@ def test_the_installed_wheel_migrates_a_fresh_database(tmp_path: Path) -> None:
     database = tmp_path / "fresh.sqlite3"
     output = run([str(python), "-c", MIGRATE, str(database)], cwd=tmp_path)
     revision, location = output.split()
-    assert revision == "0002"
+    assert revision == "0005"
     assert Path(location).is_relative_to(environment), "migrations ran from the checkout"
     with sqlite3.connect(database) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}

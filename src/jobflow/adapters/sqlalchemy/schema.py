@@ -7,9 +7,11 @@ attempts stay within ``0..max_attempts``, a running job holds a lease.
 
 The partial indexes match the hot queries: claiming due ``queued`` jobs in
 ``(run_at, id)`` order, reconcile's scans of waiting uploads and of running
-jobs' lease deadlines, and monitoring's recent failures. Their predicates compare the status with a
-literal (see :func:`status_is`) so that a query written the same way can use
-them even when the database plans it generically.
+jobs' lease deadlines, and monitoring's recent failures; and every status has
+one, so that monitoring counts each status through its own index. Their
+predicates compare the status with a literal (see :func:`status_is`) so that
+a query written the same way can use them even when the database plans it
+generically.
 
 This module is the one description of the schema; the migrations in
 :mod:`jobflow.migrations` create the same thing, which the test suite checks.
@@ -149,6 +151,8 @@ _partial_index("ix_jobflow_jobs_awaiting_upload_expires_at", JobStatus.AWAITING_
 _partial_index("ix_jobflow_jobs_running_lease_expires_at", JobStatus.QUICK_RUNNING,
                jobs.c.lease_expires_at)
 _partial_index("ix_jobflow_jobs_failed_finished_at", JobStatus.FAILED, jobs.c.finished_at)
+# Revision 0005: the monitoring snapshot counts the done jobs through it.
+_partial_index("ix_jobflow_jobs_done_finished_at", JobStatus.DONE, jobs.c.finished_at)
 
 events = sa.Table(
     EVENTS_TABLE, metadata,
