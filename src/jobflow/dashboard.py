@@ -751,18 +751,21 @@ class _Quiet(WSGIRequestHandler):
         _log.debug("dashboard.request", line=format % args)
 
 
-def serve(dashboard: Dashboard, *, host: str, port: int) -> WSGIServer:
-    """Serve ``dashboard`` on ``host:port`` (0: a free port; ``server.server_port``
-    tells which) from a daemon thread; stop it with ``server.shutdown()``.
-
-    Refuses (:class:`ConfigurationError`) an address other than a loopback
-    one unless the dashboard has a token: its pages show owners, parameters
-    and error messages.
-    """
-    if not dashboard.protected and not is_loopback(host):
+def check_address(host: str, *, protected: bool) -> None:
+    """Refuse (:class:`ConfigurationError`) to serve on an address other than
+    a loopback one without a token: the pages show owners, parameters and
+    error messages."""
+    if not protected and not is_loopback(host):
         raise ConfigurationError(
             f"the dashboard shows job details: bound to {host}, which is not a loopback "
             "address, it needs a token (--token or JOBFLOW_DASHBOARD_TOKEN)")
+
+
+def serve(dashboard: Dashboard, *, host: str, port: int) -> WSGIServer:
+    """Serve ``dashboard`` on ``host:port`` (0: a free port; ``server.server_port``
+    tells which) from a daemon thread; stop it with ``server.shutdown()``.
+    Without a token, only on a loopback address (:func:`check_address`)."""
+    check_address(host, protected=dashboard.protected)
 
     class Server(_Server):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -778,5 +781,5 @@ def serve(dashboard: Dashboard, *, host: str, port: int) -> WSGIServer:
     return server
 
 
-__all__ = ["Dashboard", "failed_with_code", "is_loopback", "jobs_in_status", "serve",
-           "search_terms"]
+__all__ = ["Dashboard", "check_address", "failed_with_code", "is_loopback", "jobs_in_status",
+           "search_terms", "serve"]
