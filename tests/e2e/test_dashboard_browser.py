@@ -101,7 +101,9 @@ def test_an_operator_follows_a_failure_group_to_a_job_and_reads_its_timeline(
         assert "by worker-2" in steps[4].text and "attempt 2" in steps[4].text
         assert "ffmpeg exited with 1 on attempt 1" in steps[3].text
         assert '"preset": "4k"' in browser.find_element(By.ID, "job-params").text
+        browser.set_window_size(1280, 1500)  # the whole timeline in the picture
         screenshot(browser, "dashboard-job")
+        browser.set_window_size(1280, 900)
 
         search = browser.find_element(By.ID, "search")
         search.send_keys(jobs["done"][1][:8], Keys.ENTER)
