@@ -465,10 +465,31 @@ def make_wsgi_app(flow: JobFlow | None = None, **options: Any) -> Callable[..., 
     return app
 
 
+class _Collected(Collector):
+    """Metrics collected already."""
+
+    def __init__(self, families: list[prometheus_client.Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[prometheus_client.Metric]:
+        return self._families
+
+
 def make_asgi_app(flow: JobFlow | None = None, **options: Any) -> Callable[..., Any]:
-    """An ASGI app serving :func:`metrics_registry` (same options). The database
-    query runs in a thread, never on the event loop."""
-    app: Callable[..., Any] = prometheus_client.make_asgi_app(metrics_registry(flow, **options))
+    """An ASGI app serving :func:`metrics_registry` (same options). A scrape is
+    collected in a worker thread, never on the event loop: it may wait for the
+    database (up to the timeout)."""
+    import asyncio
+
+    registry = metrics_registry(flow, **options)
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any],
+                  send: Callable[..., Any]) -> None:
+        families = await asyncio.to_thread(lambda: list(registry.collect()))
+        collected = CollectorRegistry(auto_describe=False)
+        collected.register(_Collected(families))
+        await prometheus_client.make_asgi_app(collected)(scope, receive, send)
+
     return app
 
 

@@ -220,3 +220,89 @@ def test_a_scrape_while_the_database_hangs_answers_in_time(silent_server: int,
     assert took < PROMPT
     assert value(found, "jobflow_up") == 0
     assert ("jobflow_uploads_initiated_total", frozenset()) in found
+
+
+# -- mounted in a host application -------------------------------------------------------------
+
+
+def test_a_fastapi_app_mounts_the_metrics_with_the_database_gauges(tmp_path: Path) -> None:
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from jobflow.metrics import make_asgi_app
+
+    engine = sa.create_engine(f"sqlite:///{migrated_sqlite_file(tmp_path / 'jobs.sqlite3')}")
+    registry = CollectorRegistry()
+    flow = JobFlow(store=SqlAlchemyJobStore(engine), objects=LocalObjectStore(tmp_path / "o"),
+                   metrics=JobflowMetrics(registry))
+    app = FastAPI()
+    app.mount("/metrics", make_asgi_app(flow, registry=registry))
+
+    @app.post("/uploads")
+    def create_upload() -> dict[str, str]:
+        return {"job_id": flow.initiate_upload("web", content_type="video/mp4").job_id}
+
+    async def use() -> Samples:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            assert (await http.post("/uploads")).status_code == 200
+            scraped = await http.get("/metrics/")
+            assert scraped.status_code == 200
+            compressed = await http.get("/metrics/", headers={"Accept-Encoding": "gzip"})
+            assert compressed.headers.get("content-encoding") == "gzip"
+            return samples(scraped.text)
+
+    found = asyncio.run(use())
+    engine.dispose()
+    assert value(found, "jobflow_uploads_initiated_total") == 1
+    assert value(found, "jobflow_up") == 1
+    assert value(found, "jobflow_jobs", status="awaiting_upload") == 1
+
+
+def test_a_wsgi_app_mounts_the_process_metrics(tmp_path: Path) -> None:
+    from jobflow.metrics import make_wsgi_app
+
+    registry = CollectorRegistry()
+    engine = sa.create_engine(f"sqlite:///{migrated_sqlite_file(tmp_path / 'jobs.sqlite3')}")
+    flow = JobFlow(store=SqlAlchemyJobStore(engine), objects=LocalObjectStore(tmp_path / "o"),
+                   metrics=JobflowMetrics(registry))
+    flow.initiate_upload("web", content_type="video/mp4")
+    transport = httpx.WSGITransport(app=make_wsgi_app(registry=registry))  # no flow: no gauges
+    with httpx.Client(transport=transport, base_url="http://app") as http:
+        found = samples(http.get("/").text)
+    engine.dispose()
+    assert value(found, "jobflow_uploads_initiated_total") == 1
+    assert ("jobflow_up", frozenset()) not in found
+
+
+def test_an_asgi_scrape_waits_for_a_hanging_database_off_the_event_loop(
+        silent_server: int, tmp_path: Path) -> None:
+    import asyncio
+
+    from jobflow.metrics import make_asgi_app
+
+    engine = sa.create_engine(f"postgresql+psycopg://nobody@127.0.0.1:{silent_server}/jobs")
+    flow = JobFlow(store=SqlAlchemyJobStore(engine), objects=LocalObjectStore(tmp_path),
+                   metrics=JobflowMetrics(None))
+    app = make_asgi_app(flow, registry=None, timeout_seconds=TIMEOUT)
+
+    async def scrape_while_ticking() -> tuple[Samples, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        ticking = asyncio.create_task(tick())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            scraped = await http.get("/")
+        ticking.cancel()
+        return samples(scraped.text), ticks
+
+    found, ticks = asyncio.run(scrape_while_ticking())
+    assert value(found, "jobflow_up") == 0
+    assert ticks >= 5  # the loop kept running while the scrape waited TIMEOUT seconds
