@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from jobflow.errors import JobflowError
+from jobflow.errors import JobflowError, LeaseLost
 from jobflow.logconfig import library_logger
 from jobflow.models import Change, Claim, Event, Job, JobStatus, ObjectInfo, PresignedUpload
 from jobflow.monitoring import LAST_HOUR, QueueSnapshot, take_snapshot
@@ -210,8 +210,8 @@ class JobflowMetrics(Collector):
         or ``error`` (the written ones are counted by :meth:`transition`)."""
         self.upload_verifications.labels(outcome).inc()
 
-    def lease_lost(self, lost: JobflowError) -> None:
-        self.leases_lost.labels(str(getattr(lost, "event", "unknown"))).inc()
+    def lease_lost(self, lost: LeaseLost) -> None:
+        self.leases_lost.labels(lost.event).inc()
 
     def object_store_call(self, operation: str, seconds: float,
                           error: BaseException | None = None) -> None:
