@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -492,12 +492,18 @@ def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
             help="Name in job histories. Default: host:pid:random.")
 @env_option("--burst", envvar="JOBFLOW_BURST", is_flag=True,
             help="Reconcile once, run the jobs that are due, and exit 0 when none is left.")
+@env_option("--metrics-port", envvar="JOBFLOW_METRICS_PORT", type=click.IntRange(0, 65535),
+            help="Serve this process's Prometheus metrics on this port (/metrics; 0: any "
+                 "free port, logged). Default: not served.")
+@env_option("--metrics-host", envvar="JOBFLOW_METRICS_HOST", default="0.0.0.0",
+            show_default=True, help="The address the metrics are served on.")
 @flow_options
 def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: float,
            heartbeat_interval: float | None, poll_interval: float, listen: bool,
            listen_poll_interval: float, reconcile_interval: float, shutdown_grace: float,
            job_timeout: float | None, flush_interval: float, storage_pause: float,
-           storage_pause_max: float, worker_id: str | None, burst: bool) -> int:
+           storage_pause_max: float, worker_id: str | None, burst: bool,
+           metrics_port: int | None, metrics_host: str) -> int:
     """Run a worker until SIGTERM or SIGINT (with --burst: until the queue is empty).
 
     The first signal stops claiming, lets running jobs finish within the grace
@@ -517,7 +523,8 @@ def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: 
         job_timeout=job_timeout, flush_interval=flush_interval, storage_pause=storage_pause,
         storage_pause_max=storage_pause_max,
         wakeup=wakeup_for(flow.store) if listen else PollingWakeup())
-    run_until_signalled(running, until_idle=burst)
+    with process_metrics_served(metrics_host, metrics_port):
+        run_until_signalled(running, until_idle=burst)
     return ExitCode.OK
 
 
@@ -990,6 +997,152 @@ def demo(directory: Path | None) -> int:
     from jobflow.demo import run_demo
 
     run_demo(directory, sys.stdout)
+    return ExitCode.OK
+
+
+# -- monitoring ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def process_metrics_served(host: str, port: int | None) -> Iterator[None]:
+    """Serve the process's Prometheus metrics on ``host:port`` while inside
+    (nothing when ``port`` is None)."""
+    if port is None:
+        yield
+        return
+    import prometheus_client
+
+    from jobflow.metrics import serve
+
+    server = _listening(lambda: serve(prometheus_client.REGISTRY, host=host, port=port),
+                        "metrics", host, port)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _listening(start: Callable[[], Any], what: str, host: str, port: int) -> Any:
+    """Start a server (``start()``); a port in use is a configuration error.
+    Logs where it listens."""
+    try:
+        server = start()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve the {what} on {host}:{port}: "
+                                 f"{exc.strerror or exc}") from exc
+    structlog.get_logger(f"jobflow.{what}").info(f"{what}.listening", host=host,
+                                                 port=server.server_port)
+    return server
+
+
+def wait_for_signal() -> str:
+    """Block until SIGTERM or SIGINT arrives; its name."""
+    received: list[int] = []
+    arrived = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        arrived.set()
+
+    previous = {signum: signal.signal(signum, on_signal)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not arrived.wait(0.5):
+            pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return signal.Signals(received[0]).name
+
+
+def _monitoring_flow(options: FlowOptions) -> JobFlow:
+    """A flow that only reads, for an exporter: when the database does not answer
+    at start, the exporter starts anyway and reports ``jobflow_up 0`` until it
+    does (a bad URL or a missing SQLite file still stop it)."""
+    try:
+        return options.open(read_only=True)
+    except StorageUnavailable as exc:
+        from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
+        from jobflow.config import open_object_store
+
+        structlog.get_logger("jobflow.metrics").warning("metrics.database_unavailable",
+                                                        error=str(exc))
+        engine = make_engine(options.store.resolved_database_url())
+        return JobFlow(store=SqlAlchemyJobStore(engine), policy=options.policy,
+                       objects=open_object_store(options.store, create=False))
+
+
+@cli.command()
+@env_option("--port", envvar="JOBFLOW_METRICS_PORT", type=click.IntRange(0, 65535),
+            default=9640, show_default=True,
+            help="Serve the database gauges on this port (/metrics; 0: any free port, logged).")
+@env_option("--host", envvar="JOBFLOW_METRICS_HOST", default="0.0.0.0", show_default=True,
+            help="The address to listen on.")
+@env_option("--cache-seconds", envvar="JOBFLOW_METRICS_CACHE_SECONDS", type=seconds_or_zero,
+            default=5.0, show_default=True,
+            help="Scrapes within this many seconds share one database query.")
+@env_option("--query-timeout", envvar="JOBFLOW_METRICS_QUERY_TIMEOUT", type=seconds,
+            default=2.0, show_default=True,
+            help="A scrape waits this long for the database, then answers jobflow_up 0.")
+@store_options
+def metrics(options: FlowOptions, port: int, host: str, cache_seconds: float,
+            query_timeout: float) -> int:
+    """Serve the database's gauges to Prometheus until SIGTERM or SIGINT.
+
+    Jobs by status, the oldest waiting upload and queued job, uploads past
+    their deadline, expired leases, failures of the last hour by error code,
+    and jobflow_up (0 while the database does not answer). One query per
+    scrape, cached: run one per deployment. Workers serve their own process
+    metrics (jobflow worker --metrics-port). Only reads.
+    """
+    from jobflow.metrics import metrics_registry, serve
+
+    registry = metrics_registry(_monitoring_flow(options), registry=None,
+                                cache_seconds=cache_seconds, timeout_seconds=query_timeout)
+    server = _listening(lambda: serve(registry, host=host, port=port), "metrics", host, port)
+    try:
+        wait_for_signal()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return ExitCode.OK
+
+
+@cli.command()
+@env_option("--host", envvar="JOBFLOW_DASHBOARD_HOST", default="127.0.0.1", show_default=True,
+            help="The address to listen on; any but a loopback one needs --token.")
+@env_option("--port", envvar="JOBFLOW_DASHBOARD_PORT", type=click.IntRange(0, 65535),
+            default=8080, show_default=True, help="The port to listen on (0: any free port).")
+@env_option("--token", envvar="JOBFLOW_DASHBOARD_TOKEN",
+            help="Require this token on every request: the password of the browser's "
+                 "login prompt (any user name), or an Authorization: Bearer header.")
+@env_option("--failure-window", envvar="JOBFLOW_DASHBOARD_FAILURE_WINDOW", type=Duration(),
+            default="24h", show_default=True, metavar="DURATION",
+            help="How far back the front page groups failures: seconds, or 15m, 2h, 7d.")
+@store_options
+def dashboard(options: FlowOptions, host: str, port: int, token: str | None,
+              failure_window: timedelta) -> int:
+    """Serve a read-only web dashboard of the jobs until SIGTERM or SIGINT.
+
+    Jobs by state on the state diagram, uploads waiting, the queue's age,
+    recent failures by error code, each job with its history; find a job by
+    its id or a unique prefix. It never changes a job.
+    """
+    from jobflow.dashboard import Dashboard, check_address, serve
+
+    check_address(host, protected=bool(token))  # before anything is opened
+    app = Dashboard(options.open(read_only=True), token=token or None,
+                    failure_window=failure_window or timedelta(hours=24))
+    server = _listening(lambda: serve(app, host=host, port=port), "dashboard", host, port)
+    shown = f"[{host}]" if ":" in host else host
+    _print(f"jobflow dashboard on http://{shown}:{server.server_port}/ (read-only; "
+           "Ctrl-C stops it)")
+    try:
+        wait_for_signal()
+    finally:
+        server.shutdown()
+        server.server_close()
     return ExitCode.OK
 
 

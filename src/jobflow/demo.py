@@ -233,6 +233,8 @@ class DemoRun:
         self.say()
         self.say(f"Look around: cd {shlex.quote(str(self.directory.resolve()))} && "
                  f"{_shell_command()} status")
+        self.say(f"Or in a browser: cd {shlex.quote(str(self.directory.resolve()))} && "
+                 f"{_shell_command()} dashboard")
 
     def _upload(self, name: str, path: Path | None, *, complete: bool,
                 content_type: str = "video/mp4") -> None:

@@ -34,6 +34,7 @@ from jobflow.errors import (
 )
 from jobflow.keys import default_worker_id, new_job_id, parse_job_id, upload_key
 from jobflow.logconfig import library_logger
+from jobflow.metrics import JobflowMetrics, default_metrics, instrument_objects
 from jobflow.models import (
     Change,
     Claim,
@@ -45,6 +46,7 @@ from jobflow.models import (
     JobEvent,
     JobStatus,
     JSONDict,
+    ObjectInfo,
     Outcome,
     PurgeReport,
     ReconcileReport,
@@ -218,15 +220,19 @@ class JobFlow:
     ``clock`` is a zero-argument callable returning an aware UTC datetime
     (default: the system clock). ``policy`` is the :class:`UploadPolicy`
     applied to every upload and attempt. ``new_job_id`` makes job ids (default:
-    random UUIDs; tests pass a deterministic one).
+    random UUIDs; tests pass a deterministic one). ``metrics`` records what
+    the flow does, its object store calls included (default: the process-wide
+    :func:`~jobflow.metrics.default_metrics`).
     """
 
     def __init__(self, *, store: JobStore, objects: ObjectStore, clock: Clock | None = None,
                  policy: UploadPolicy | None = None,
                  logger: structlog.typing.FilteringBoundLogger | None = None,
-                 new_job_id: Callable[[], str] = new_job_id) -> None:
+                 new_job_id: Callable[[], str] = new_job_id,
+                 metrics: JobflowMetrics | None = None) -> None:
         self.store = store
-        self.objects = objects
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self.objects = instrument_objects(objects, self.metrics)
         self.policy = policy or UploadPolicy()
         self._clock: Callable[[], datetime] = clock or utc_now
         self._new_job_id = new_job_id
@@ -256,10 +262,31 @@ class JobFlow:
         enabled = getattr(self._log, "is_enabled_for", None)
         return True if enabled is None else bool(enabled(logging.INFO))
 
-    def _logged(self, change: Change, job: Job) -> Job:
-        self._log_transition(change.event, job, change.before.status if change.before else None,
-                             change.worker_id)
+    def _logged(self, change: Change, job: Job, *, log: bool = True) -> Job:
+        """Every written transition passes here: counted in the metrics, always,
+        and logged (unless a batch found INFO lines off: ``log``)."""
+        self.metrics.transition(change, job)
+        if log:
+            self._log_transition(change.event, job,
+                                 change.before.status if change.before else None,
+                                 change.worker_id)
         return job
+
+    def _head(self, job: Job) -> ObjectInfo | None:
+        """The object store's HEAD of ``job``'s upload. An answer that decides
+        nothing by itself is counted here (no object, an outage, a setup
+        error); what a verification writes is counted with the transition."""
+        try:
+            info = self.objects.head(job.key)
+        except StorageUnavailable:
+            self.metrics.upload_checked("storage_unavailable")
+            raise
+        except JobflowError:
+            self.metrics.upload_checked("error")
+            raise
+        if info is None:
+            self.metrics.upload_checked("missing")
+        return info
 
     def _transition(self, job_id: str, decide: Callable[[Job], Change | None],
                     owner_id: str | None = None, *, snapshot: Job | None = None) -> Job:
@@ -325,7 +352,7 @@ class JobFlow:
             job = self.get(job_id, owner_id=owner_id)
             if job.status is not JobStatus.AWAITING_UPLOAD:
                 return self._settled(job)
-            info = self.objects.head(job.key)
+            info = self._head(job)
             change = states.settle_upload(job, self._evidence(obj=info))
             written = self.store.commit(change)
             if written is None:
@@ -382,7 +409,7 @@ class JobFlow:
         if (Event.REQUEUE, job.status) not in states.TABLE or (
                 error_code is not None and job.error_code != error_code):
             raise InvalidTransition(job.id, job.status.value, Event.REQUEUE.value)
-        return states.apply(job, Event.REQUEUE, self._evidence(obj=self.objects.head(job.key)))
+        return states.apply(job, Event.REQUEUE, self._evidence(obj=self._head(job)))
 
     def counts(self) -> dict[JobStatus, int]:
         return self.store.counts()
@@ -420,6 +447,7 @@ class JobFlow:
         return worker_id, _check_lease(lease)
 
     def _claimed(self, claims: list[Claim], worker_id: str) -> list[Claim]:
+        self.metrics.claimed(claims)
         if claims and self._logs_transitions():
             for claim in claims:
                 self._log_transition(Event.CLAIM, claim.job, JobStatus.QUEUED, worker_id)
@@ -436,8 +464,12 @@ class JobFlow:
         """A lease holder's write. While its token is current only the holder
         changes the job, so the first round decides on the claim's own copy."""
         _check_claim(claim)
-        return self._transition(claim.job.id, self._as_holder(claim, decide, evidence),
-                                snapshot=claim.job)
+        try:
+            return self._transition(claim.job.id, self._as_holder(claim, decide, evidence),
+                                    snapshot=claim.job)
+        except LeaseLost as lost:
+            self.metrics.lease_lost(lost)
+            raise
 
     def _leased_many(self, writes: Sequence[tuple[Claim, _Decide, dict[str, Any]]]
                      ) -> list[Job | LeaseLost]:
@@ -460,7 +492,7 @@ class JobFlow:
         log = self._logs_transitions()
         for (index, change), job in zip(decided, written, strict=True):
             if job is not None:
-                outcomes[index] = self._logged(change, job) if log else job
+                outcomes[index] = self._logged(change, job, log=log)
                 continue
             claim, decide, evidence = writes[index]
             try:  # lost the race: decide again on a fresh read
@@ -468,7 +500,11 @@ class JobFlow:
                                                    self._as_holder(claim, decide, evidence))
             except LeaseLost as lost:
                 outcomes[index] = lost
-        return [outcomes[index] for index in range(len(writes))]
+        answers = [outcomes[index] for index in range(len(writes))]
+        for answer in answers:
+            if isinstance(answer, LeaseLost):
+                self.metrics.lease_lost(answer)
+        return answers
 
     @staticmethod
     def _event(event: Event) -> _Decide:
@@ -625,7 +661,7 @@ class JobFlow:
                 outcome["skipped"].append(job.id)
                 continue
             try:
-                info = self.objects.head(job.key)
+                info = self._head(job)
                 change = states.settle_upload(job, self._evidence(now, obj=info))
             except UploadMissing:
                 continue

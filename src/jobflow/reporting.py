@@ -241,15 +241,18 @@ def _read(engine: Engine, statement: Any) -> list[Any]:
 
 def job_ids_starting_with(engine: Engine, prefix: str, *, limit: int) -> list[str]:
     """Up to ``limit`` job ids (canonical, sorted) whose 32 hex digits start with
-    ``prefix`` (lowercase hex digits, no hyphens). Ids are a native ``uuid`` on
-    PostgreSQL (text with hyphens once cast) and 32 hex characters on SQLite:
-    the hyphens are removed before comparing, on both."""
+    ``prefix`` (lowercase hex digits, no hyphens): the ids from ``prefix`` padded
+    with 0s to ``prefix`` padded with fs, a range of the primary key's index on
+    both databases (PostgreSQL orders a ``uuid`` by its bytes, SQLite keeps the
+    32 lowercase hex digits as text: the same order)."""
+    import uuid
+
     import sqlalchemy as sa
 
     from jobflow.adapters.sqlalchemy.schema import jobs
 
-    digits = sa.func.replace(sa.cast(jobs.c.id, sa.Text), "-", "")
-    statement = (sa.select(jobs.c.id).where(digits.like(f"{prefix}%"))
+    low, high = (str(uuid.UUID(prefix.ljust(32, digit))) for digit in "0f")
+    statement = (sa.select(jobs.c.id).where(jobs.c.id.between(low, high))
                  .order_by(jobs.c.id).limit(limit))
     return [str(row[0]) for row in _read(engine, statement)]
 

@@ -101,6 +101,6 @@ def test_the_proof_catches_a_store_that_forgets_cancel_requests() -> None:
     with pytest.raises(AssertionError, match=r"forgot a cancel request|stale"):
         run_state_machine_as_test(
             machine_for(ForgetsCancelRequests),
-            settings=settings(max_examples=400, stateful_step_count=50, database=None,
+            settings=settings(max_examples=1000, stateful_step_count=50, database=None,
                               phases=[Phase.generate], deadline=None),
         )

@@ -233,8 +233,8 @@ def test_demo_runs_in_an_empty_folder(sqlite_deployment: Deployment, tmp_path: P
 
 def test_commands_about_existing_jobs_create_no_database(sqlite_deployment: Deployment,
                                                          tmp_path: Path) -> None:
-    """In a folder where nothing ran yet, status, show, reconcile, cancel and
-    requeue say there is no database (exit 2), db current and diagram only
+    """In a folder where nothing ran yet, status, show, reconcile, cancel,
+    requeue, metrics and dashboard say there is no database (exit 2), db current and diagram only
     look, an upload the policy refuses is refused first: the folder stays empty."""
     empty = tmp_path / "nothing-here"
     empty.mkdir()
@@ -242,7 +242,8 @@ def test_commands_about_existing_jobs_create_no_database(sqlite_deployment: Depl
     job_id = "00000000-0000-4000-8000-000000000000"
     for args in (["status"], ["show", job_id], ["reconcile"], ["cancel", job_id],
                  ["requeue", job_id], ["requeue", "--error-code", "cancelled"],
-                 ["purge", "--finished-before", "30d"]):
+                 ["purge", "--finished-before", "30d"], ["metrics", "--port", "0"],
+                 ["dashboard", "--port", "0"]):
         result = sqlite_deployment.cli(*args, cwd=empty, env=env)
         assert result.returncode == 2, (args, result.stderr)
         assert "no jobflow database at" in one_error_line(result.stderr)

@@ -8,7 +8,8 @@ attempts stay within ``0..max_attempts``, a running job holds a lease.
 The partial indexes match the hot queries: claiming due ``queued`` jobs in
 ``(run_at, id)`` order, reconcile's scans of waiting uploads and of running
 jobs' lease deadlines, monitoring's recent failures, and retention's
-scans of finished jobs. Their predicates compare the status with a
+scans of finished jobs; and every status has one, so that monitoring counts
+each status through its own index. Their predicates compare the status with a
 literal (see :func:`status_is`) so that a query written the same way can use
 them even when the database plans it generically.
 
@@ -155,7 +156,8 @@ _partial_index("ix_jobflow_jobs_awaiting_upload_expires_at", JobStatus.AWAITING_
 _partial_index("ix_jobflow_jobs_running_lease_expires_at", JobStatus.QUICK_RUNNING,
                jobs.c.lease_expires_at)
 _partial_index("ix_jobflow_jobs_failed_finished_at", JobStatus.FAILED, jobs.c.finished_at)
-# Retention's scan of finished jobs (revision 0004; failed ones use the index above).
+# Retention's scan of finished jobs, and monitoring's count of done jobs
+# (revision 0004; failed ones use the index above).
 _partial_index("ix_jobflow_jobs_done_finished_at", JobStatus.DONE, jobs.c.finished_at)
 
 events = sa.Table(
