@@ -29,17 +29,48 @@ Whether a failure is worth retrying is part of its class:
 may succeed later; :class:`PermanentStorageError` and
 :class:`ConfigurationError` mean the same call fails again until a person
 fixes the code or the setup.
+
+Each error also says which HTTP status a web app should answer with when the
+error reaches a request handler: the class attribute ``http_status``
+(:func:`http_status_of` for any exception). A host maps every jobflow error
+with one exception handler, and all hosts map them alike:
+
+=======================================================  =====================================
+error                                                    ``http_status``
+=======================================================  =====================================
+:class:`InvalidInput`, :class:`UploadRejected`           422 Unprocessable Content
+:class:`JobNotFound` (another owner's job included)      404 Not Found
+:class:`UploadMissing`, :class:`InvalidTransition`,      409 Conflict (the job is not in a
+:class:`LeaseLost`, :class:`ObjectChanged`               state that allows the call)
+:class:`UploadExpired`                                   410 Gone (the upload window closed
+                                                         for good: a new job is needed)
+:class:`StorageUnavailable`                              503 Service Unavailable (retry later)
+:class:`ConfigurationError`,                             500 Internal Server Error (the
+:class:`PermanentStorageError`, anything else            server's setup or code is wrong)
+=======================================================  =====================================
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class JobflowError(Exception):
     """Root of every error jobflow raises."""
 
+    #: The HTTP status a web app answers with when this error ends a request.
+    http_status: ClassVar[int] = 500
+
+
+def http_status_of(exc: BaseException) -> int:
+    """The HTTP status for ``exc``: a jobflow error's own, 500 for anything else."""
+    return exc.http_status if isinstance(exc, JobflowError) else 500
+
 
 class InvalidInput(JobflowError, ValueError):
     """An argument is malformed: not JSON-serialisable, too long, empty..."""
+
+    http_status = 422
 
 
 class ContentTypeNotAllowed(InvalidInput):
@@ -57,6 +88,8 @@ class ContentTypeNotAllowed(InvalidInput):
 class ConfigurationError(JobflowError):
     """jobflow or one of its adapters is configured wrongly."""
 
+    http_status = 500
+
 
 class StoragePermissionDenied(ConfigurationError):
     """The object store refused access: credentials or bucket policy are wrong.
@@ -67,6 +100,8 @@ class StoragePermissionDenied(ConfigurationError):
 
 class JobNotFound(JobflowError, LookupError):
     """No job with this id is visible to the caller."""
+
+    http_status = 404
 
     def __init__(self, job_id: str, message: str | None = None) -> None:
         self.job_id = job_id
@@ -84,6 +119,8 @@ class MalformedJobId(JobNotFound):
 class InvalidTransition(JobflowError):
     """The event is not allowed from the job's current status."""
 
+    http_status = 409
+
     def __init__(self, job_id: str, status: str, event: str) -> None:
         self.job_id = job_id
         self.status = status
@@ -97,6 +134,8 @@ class LeaseLost(JobflowError):
     The job was rescued, finished or claimed again; the call changed nothing.
     """
 
+    http_status = 409
+
     def __init__(self, job_id: str, event: str) -> None:
         self.job_id = job_id
         self.event = event
@@ -108,6 +147,8 @@ class LeaseLost(JobflowError):
 class UploadError(JobflowError):
     """Base for problems with a job's uploaded object."""
 
+    http_status = 409
+
     def __init__(self, job_id: str, message: str) -> None:
         self.job_id = job_id
         super().__init__(message)
@@ -115,6 +156,8 @@ class UploadError(JobflowError):
 
 class UploadMissing(UploadError):
     """The object store shows no object for the job yet; the job keeps waiting."""
+
+    http_status = 409
 
     def __init__(self, job_id: str, key: str) -> None:
         self.key = key
@@ -124,6 +167,8 @@ class UploadMissing(UploadError):
 class UploadRejected(UploadError):
     """The object exists but breaks the upload policy; the job failed."""
 
+    http_status = 422
+
     def __init__(self, job_id: str, reason: str) -> None:
         self.reason = reason
         super().__init__(job_id, f"upload for job {job_id} rejected: {reason}")
@@ -132,12 +177,16 @@ class UploadRejected(UploadError):
 class UploadExpired(UploadError):
     """The upload deadline passed without a valid object; the job failed."""
 
+    http_status = 410
+
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id, f"upload for job {job_id} expired before a valid object arrived")
 
 
 class ObjectChanged(JobflowError):
     """The object was replaced or removed after it was verified."""
+
+    http_status = 409
 
     def __init__(self, key: str, message: str | None = None) -> None:
         self.key = key
@@ -153,6 +202,8 @@ class StorageUnavailable(JobflowError):
     waits and retries), never for a setup or programming error.
     """
 
+    http_status = 503
+
 
 class PermanentStorageError(JobflowError):
     """A store refused the call for a reason retrying cannot fix.
@@ -164,6 +215,8 @@ class PermanentStorageError(JobflowError):
     ``__cause__``. Never a :class:`StorageUnavailable`.
     """
 
+    http_status = 500
+
 
 class PermanentJobError(JobflowError):
     """Raised by a handler when retrying cannot help: the job fails at once.
@@ -171,6 +224,8 @@ class PermanentJobError(JobflowError):
     Any other exception from a handler is retried with backoff while attempts
     remain. ``error_code`` (default ``handler_error``) is kept on the job.
     """
+
+    http_status = 500
 
     def __init__(self, message: str, *, error_code: str | None = None) -> None:
         self.error_code = error_code
