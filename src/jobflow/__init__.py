@@ -1,5 +1,6 @@
 """jobflow: upload-first jobs that are never claimed before their upload is verified."""
 
+from jobflow.aio import AsyncJobFlow
 from jobflow.flow import JobFlow
 from jobflow.models import (
     Claim,
@@ -18,6 +19,7 @@ from jobflow.models import (
 )
 
 __all__ = [
+    "AsyncJobFlow",
     "Claim",
     "Event",
     "Failed",
