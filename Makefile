@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/jobflow demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
 test: lint
