@@ -62,7 +62,8 @@ class ThreadedObjectStore:
     """An :class:`~jobflow.ports.ObjectStore` whose every call runs on a worker
     thread (the event loop's default executor), for code running in a greenlet
     under :class:`AsyncJobFlow`: a boto3 HEAD that takes a second keeps a
-    thread busy for a second, never the event loop."""
+    thread busy for a second, never the event loop. (The stream :meth:`open`
+    returns still reads synchronously: workers read objects, not web apps.)"""
 
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects

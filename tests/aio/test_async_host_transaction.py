@@ -180,3 +180,22 @@ def test_a_session_whose_transaction_failed_is_a_named_error_and_nothing_is_writ
         runner.run(scenario())
     finally:
         runner.run(engine.dispose())
+
+
+def test_a_closed_connection_or_a_disposed_engine_loses_nothing(
+        engine: AsyncEngine, objects: InMemoryObjectStore, runner: asyncio.Runner) -> None:
+    """A flow bound to a connection the host already closed refuses with a named
+    error and writes nothing; an engine disposed of (at a shutdown, a fork)
+    opens new connections when used again."""
+    async def scenario() -> None:
+        async with engine.connect() as conn:
+            bound = flow_on(AsyncSqlAlchemyJobStore(engine).bind(conn), objects)
+        with pytest.raises(PermanentStorageError, match="closed"):
+            await bound.initiate_upload("alice", content_type="video/mp4")
+        own = flow_on(AsyncSqlAlchemyJobStore(engine), objects)
+        assert sum((await own.counts()).values()) == 0
+        await engine.dispose()
+        ticket = await own.initiate_upload("alice", content_type="video/mp4")
+        assert (await own.get(ticket.job_id)).status is JobStatus.AWAITING_UPLOAD
+
+    runner.run(scenario())
