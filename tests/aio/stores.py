@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -44,13 +45,15 @@ class AsyncStores:
         self._folder = folder
         self._pg_engine = pg_engine
         self._numbers = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:8]
         self.engines: list[AsyncEngine] = []
 
     def engine(self) -> AsyncEngine:
         """A new async engine on a new (SQLite) or emptied (PostgreSQL) database."""
         if self.kind == "sqlite":
             assert self._template is not None and self._folder is not None
-            path = self._folder / f"async-jobs-{next(self._numbers)}.sqlite3"
+            # A name of its own: a file left by an earlier factory is never reused.
+            path = self._folder / f"async-jobs-{self._prefix}-{next(self._numbers)}.sqlite3"
             shutil.copyfile(self._template, path)
             url = sa.make_url(f"sqlite+aiosqlite:///{path}")
         else:
