@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/jobflow demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
 test: lint
@@ -44,3 +44,4 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench.claim_throughput $(BENCH_ARGS)
 	$(BENCH_VENV)/bin/python -m bench.wakeup_latency $(BENCH_ARGS)
 	$(BENCH_VENV)/bin/python -m bench.worker_throughput $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python -m bench.async_loop $(BENCH_ARGS)

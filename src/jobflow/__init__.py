@@ -1,5 +1,6 @@
 """jobflow: upload-first jobs that are never claimed before their upload is verified."""
 
+from jobflow.aio import AsyncJobFlow
 from jobflow.flow import JobFlow
 from jobflow.models import (
     Claim,
@@ -21,6 +22,7 @@ from jobflow.models import (
 )
 
 __all__ = [
+    "AsyncJobFlow",
     "Claim",
     "Deferred",
     "Event",

@@ -31,20 +31,51 @@ Whether a failure is worth retrying is part of its class:
 may succeed later; :class:`PermanentStorageError` and
 :class:`ConfigurationError` mean the same call fails again until a person
 fixes the code or the setup.
+
+Each error also says which HTTP status a web app should answer with when the
+error reaches a request handler: the class attribute ``http_status``
+(:func:`http_status_of` for any exception). A host maps every jobflow error
+with one exception handler, and all hosts map them alike:
+
+=======================================================  =====================================
+error                                                    ``http_status``
+=======================================================  =====================================
+:class:`InvalidInput`, :class:`UploadRejected`           422 Unprocessable Content
+:class:`JobNotFound` (another owner's job included)      404 Not Found
+:class:`UploadMissing`, :class:`InvalidTransition`,      409 Conflict (the job is not in a
+:class:`LeaseLost`, :class:`ObjectChanged`,              state that allows the call)
+:class:`JobCancelled`
+:class:`UploadExpired`                                   410 Gone (the upload window closed
+                                                         for good: a new job is needed)
+:class:`StorageUnavailable`, :class:`RetryLater`         503 Service Unavailable (retry later)
+:class:`ConfigurationError`,                             500 Internal Server Error (the
+:class:`PermanentStorageError`, anything else            server's setup or code is wrong)
+=======================================================  =====================================
 """
 
 from __future__ import annotations
 
 import math
 from datetime import timedelta
+from typing import ClassVar
 
 
 class JobflowError(Exception):
     """Root of every error jobflow raises."""
 
+    #: The HTTP status a web app answers with when this error ends a request.
+    http_status: ClassVar[int] = 500
+
+
+def http_status_of(exc: BaseException) -> int:
+    """The HTTP status for ``exc``: a jobflow error's own, 500 for anything else."""
+    return exc.http_status if isinstance(exc, JobflowError) else 500
+
 
 class InvalidInput(JobflowError, ValueError):
     """An argument is malformed: not JSON-serialisable, too long, empty..."""
+
+    http_status = 422
 
 
 class ContentTypeNotAllowed(InvalidInput):
@@ -62,6 +93,8 @@ class ContentTypeNotAllowed(InvalidInput):
 class ConfigurationError(JobflowError):
     """jobflow or one of its adapters is configured wrongly."""
 
+    http_status = 500
+
 
 class StoragePermissionDenied(ConfigurationError):
     """The object store refused access: credentials or bucket policy are wrong.
@@ -72,6 +105,8 @@ class StoragePermissionDenied(ConfigurationError):
 
 class JobNotFound(JobflowError, LookupError):
     """No job with this id is visible to the caller."""
+
+    http_status = 404
 
     def __init__(self, job_id: str, message: str | None = None) -> None:
         self.job_id = job_id
@@ -89,6 +124,8 @@ class MalformedJobId(JobNotFound):
 class InvalidTransition(JobflowError):
     """The event is not allowed from the job's current status."""
 
+    http_status = 409
+
     def __init__(self, job_id: str, status: str, event: str) -> None:
         self.job_id = job_id
         self.status = status
@@ -102,6 +139,8 @@ class LeaseLost(JobflowError):
     The job was rescued, finished or claimed again; the call changed nothing.
     """
 
+    http_status = 409
+
     def __init__(self, job_id: str, event: str) -> None:
         self.job_id = job_id
         self.event = event
@@ -113,6 +152,8 @@ class LeaseLost(JobflowError):
 class UploadError(JobflowError):
     """Base for problems with a job's uploaded object."""
 
+    http_status = 409
+
     def __init__(self, job_id: str, message: str) -> None:
         self.job_id = job_id
         super().__init__(message)
@@ -120,6 +161,8 @@ class UploadError(JobflowError):
 
 class UploadMissing(UploadError):
     """The object store shows no object for the job yet; the job keeps waiting."""
+
+    http_status = 409
 
     def __init__(self, job_id: str, key: str) -> None:
         self.key = key
@@ -129,6 +172,8 @@ class UploadMissing(UploadError):
 class UploadRejected(UploadError):
     """The object exists but breaks the upload policy; the job failed."""
 
+    http_status = 422
+
     def __init__(self, job_id: str, reason: str) -> None:
         self.reason = reason
         super().__init__(job_id, f"upload for job {job_id} rejected: {reason}")
@@ -137,12 +182,16 @@ class UploadRejected(UploadError):
 class UploadExpired(UploadError):
     """The upload deadline passed without a valid object; the job failed."""
 
+    http_status = 410
+
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id, f"upload for job {job_id} expired before a valid object arrived")
 
 
 class ObjectChanged(JobflowError):
     """The object was replaced or removed after it was verified."""
+
+    http_status = 409
 
     def __init__(self, key: str, message: str | None = None) -> None:
         self.key = key
@@ -158,6 +207,8 @@ class StorageUnavailable(JobflowError):
     waits and retries), never for a setup or programming error.
     """
 
+    http_status = 503
+
 
 class PermanentStorageError(JobflowError):
     """A store refused the call for a reason retrying cannot fix.
@@ -169,6 +220,8 @@ class PermanentStorageError(JobflowError):
     ``__cause__``. Never a :class:`StorageUnavailable`.
     """
 
+    http_status = 500
+
 
 class PermanentJobError(JobflowError):
     """Raised by a handler when retrying cannot help: the job fails at once.
@@ -176,6 +229,8 @@ class PermanentJobError(JobflowError):
     Any other exception from a handler is retried with backoff while attempts
     remain. ``error_code`` (default ``handler_error``) is kept on the job.
     """
+
+    http_status = 500
 
     def __init__(self, message: str, *, error_code: str | None = None) -> None:
         self.error_code = error_code
@@ -191,9 +246,13 @@ class JobCancelled(JobflowError):
     returns a result finishes the job as ``done`` (the work is complete).
     """
 
+    http_status = 409
+
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"job {job_id} was asked to stop")
+
+
 class RetryLater(JobflowError):
     """Raised by a handler whose own work failed for a passing reason (a service
     it calls is down or throttling): run the job again after ``delay``.
@@ -205,6 +264,8 @@ class RetryLater(JobflowError):
     365 days (anything else raises :class:`InvalidInput` here, which fails the
     attempt as an ordinary error); ``reason`` becomes the job's error message.
     """
+
+    http_status = 503
 
     def __init__(self, delay: float | timedelta, *, reason: str | None = None,
                  error_code: str | None = None) -> None:

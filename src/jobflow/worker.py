@@ -124,6 +124,8 @@ class AttemptAbandoned(JobflowError):
     and :meth:`JobContext.check`; whatever the handler does next is ignored.
     """
 
+    http_status = 409
+
     def __init__(self, job_id: str, reason: str) -> None:
         self.job_id = job_id
         self.reason = reason

@@ -36,6 +36,7 @@ from jobflow import (
     Outcome,
     Released,
     Succeeded,
+    UploadPolicy,
 )
 from jobflow import states as core
 from jobflow.adapters.memory import InMemoryObjectStore
@@ -67,15 +68,12 @@ class JobFlowMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = S.START
-        self.store = type(self).make_store()
+        self.store = self.new_store()
         self.objects = InMemoryObjectStore()
         ids = S.job_ids()
-        self.flow = JobFlow(store=self.store, objects=self.objects, clock=lambda: self.now,
-                            policy=S.POLICY, logger=QUIET_LOGGER, new_job_id=ids)
+        self.flow = self.new_flow(S.POLICY, ids)
         # A second process over the same store whose policy allows larger uploads.
-        self.loose_flow = JobFlow(store=self.store, objects=self.objects,
-                                  clock=lambda: self.now, policy=S.LOOSE_POLICY,
-                                  logger=QUIET_LOGGER, new_job_id=ids)
+        self.loose_flow = self.new_flow(S.LOOSE_POLICY, ids)
         self.created_loose: dict[str, bool] = {}
         self.job_ids: list[str] = []
         self.declared: dict[str, bool] = {}
@@ -84,6 +82,15 @@ class JobFlowMachine(RuleBasedStateMachine):
         self.undecided: Counter[str] = Counter()  # pending changes not yet committed
 
     # -- helpers -------------------------------------------------------------------
+
+    def new_store(self) -> JobStore:
+        return type(self).make_store()
+
+    def new_flow(self, policy: UploadPolicy, ids: Callable[[], str]) -> JobFlow:
+        """A flow over the machine's store and objects, on the machine's clock
+        (tests/aio drives AsyncJobFlow through this instead)."""
+        return JobFlow(store=self.store, objects=self.objects, clock=lambda: self.now,
+                       policy=policy, logger=QUIET_LOGGER, new_job_id=ids)
 
     def acceptable(self, job_id: str, via_loose: bool = False) -> bool:
         """Whether the job's upload is acceptable to the verifying flow: a job

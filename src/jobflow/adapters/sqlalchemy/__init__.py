@@ -41,12 +41,17 @@ The package, by what each module holds:
   or SQLAlchemy error :class:`~jobflow.errors.PermanentStorageError` (never
   worth retrying).
 * :mod:`~jobflow.adapters.sqlalchemy.store`: :class:`SqlAlchemyJobStore`.
+* :mod:`~jobflow.adapters.sqlalchemy.aio`: :class:`AsyncSqlAlchemyJobStore`,
+  the same store on an ``AsyncEngine`` (psycopg 3's async driver, aiosqlite)
+  for :class:`~jobflow.AsyncJobFlow`.
 """
 
 from __future__ import annotations
 
+from jobflow.adapters.sqlalchemy.aio import AsyncSqlAlchemyJobStore
 from jobflow.adapters.sqlalchemy.queries import NOTIFY_CHANNEL
 from jobflow.adapters.sqlalchemy.store import SUPPORTED_DIALECTS, SqlAlchemyJobStore
 from jobflow.adapters.sqlalchemy.transactions import sqlite_file
 
-__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "SqlAlchemyJobStore", "sqlite_file"]
+__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "AsyncSqlAlchemyJobStore", "SqlAlchemyJobStore",
+           "sqlite_file"]

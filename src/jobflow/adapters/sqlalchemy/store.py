@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from jobflow.adapters.sqlalchemy import queries
@@ -70,6 +71,12 @@ def _check_same_job(change: Change) -> None:
                            f"into job {change.after.id}")
 
 
+_USE_THE_ASYNC_STORE = (
+    "SqlAlchemyJobStore runs on a synchronous Engine and was given {given}: with "
+    "create_async_engine and AsyncSession use "
+    "jobflow.adapters.sqlalchemy.AsyncSqlAlchemyJobStore and jobflow.AsyncJobFlow")
+
+
 def _dialect_name(name: str) -> str:
     if name not in SUPPORTED_DIALECTS:
         raise ConfigurationError(
@@ -93,6 +100,8 @@ class SqlAlchemyJobStore:
     """
 
     def __init__(self, engine: Engine, *, busy_timeout_seconds: float = 30.0) -> None:
+        if isinstance(engine, AsyncEngine):
+            raise ConfigurationError(_USE_THE_ASYNC_STORE.format(given="an AsyncEngine"))
         self._dialect = _dialect_name(engine.dialect.name)
         self._engine = engine
         sqlite = (SQLiteSetup(engine, busy_timeout_seconds)
@@ -128,6 +137,9 @@ class SqlAlchemyJobStore:
 
             def current() -> Connection:
                 return host
+        elif isinstance(connection, AsyncSession | AsyncConnection):
+            raise ConfigurationError(_USE_THE_ASYNC_STORE.format(
+                given=f"an {type(connection).__name__}"))
         else:
             raise ConfigurationError(
                 f"bind() takes a SQLAlchemy Connection or Session, not {type(connection).__name__}")

@@ -15,13 +15,17 @@ host's transaction.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy.engine import Connection, Engine
+
+from jobflow.greenlets import await_
 
 
 class Transactions(Protocol):
@@ -85,8 +89,10 @@ class EngineTransactions:
         self._sqlite = sqlite
         self.own_statements = sqlite is None
         # SQLite has one writer at a time: threads of this process queue here
-        # rather than in SQLite's busy handler, which sleeps and polls.
-        self._write_lock = threading.Lock()
+        # rather than in SQLite's busy handler, which sleeps and polls. On an
+        # asyncio driver the callers are tasks of one event loop instead.
+        self._write_lock: AbstractContextManager[object] = (
+            LoopLock() if engine.dialect.is_async else threading.Lock())
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -118,8 +124,45 @@ class EngineTransactions:
             yield conn
 
 
+class LoopLock:
+    """A lock for the calls of a store on an asyncio driver (aiosqlite).
+
+    Those calls run in greenlets on the event loop's thread (see
+    :mod:`jobflow.aio`), and a call holding the write lock lets the loop run
+    other tasks while it waits for the database: a ``threading.Lock`` would
+    then block the loop's thread for good when a second task asked for it.
+    This one waits on an :class:`asyncio.Lock` of the running loop instead.
+    """
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary())
+
+    def _lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        return lock
+
+    def __enter__(self) -> asyncio.Lock:
+        lock = self._lock()
+        await_(lock.acquire())
+        return lock
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock().release()
+
+
 def _sqlite_in_transaction(conn: Connection) -> bool:
-    return bool(getattr(conn.connection.dbapi_connection, "in_transaction", False))
+    """Whether SQLite has a transaction open on ``conn`` (pysqlite's connection
+    says so itself; aiosqlite's answers through the connection it wraps)."""
+    fairy = conn.connection
+    for candidate in (fairy.dbapi_connection, fairy.driver_connection):
+        found = getattr(candidate, "in_transaction", None)
+        if isinstance(found, bool):
+            return found
+    return False
 
 
 class HostTransactions:
@@ -149,5 +192,5 @@ class HostTransactions:
             yield conn
 
 
-__all__ = ["EngineTransactions", "HostTransactions", "SQLiteSetup", "Transactions",
+__all__ = ["EngineTransactions", "HostTransactions", "LoopLock", "SQLiteSetup", "Transactions",
            "sqlite_file"]

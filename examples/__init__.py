@@ -1,0 +1,1 @@
+"""Runnable examples of host applications built on jobflow."""
