@@ -31,6 +31,7 @@ import click
 import structlog
 
 from jobflow import states
+from jobflow.adapters.sqlalchemy.engine import DatabaseTimeouts
 from jobflow.config import (
     StoreSettings,
     make_engine,
@@ -155,11 +156,24 @@ class Seconds(click.FloatRange):
 seconds = Seconds(min=0, min_open=True, max=MAX_SECONDS)
 seconds_or_zero = Seconds(min=0, max=MAX_SECONDS)
 
+_DEFAULT_TIMEOUTS = DatabaseTimeouts()
 DATABASE_OPTIONS = [
     env_option("--database-url", envvar="JOBFLOW_DATABASE_URL", metavar="URL",
                help="Job database: postgresql://user:password@host/db or sqlite:///path. "
                     "Default: the SQLite file jobflow.sqlite3 in the working directory, "
                     "created and migrated on first use."),
+    env_option("--db-connect-timeout", envvar="JOBFLOW_DB_CONNECT_TIMEOUT", type=seconds,
+               default=_DEFAULT_TIMEOUTS.connect_seconds, show_default=True,
+               help="PostgreSQL: seconds to open a connection (whole seconds, at least 2)."),
+    env_option("--db-statement-timeout", envvar="JOBFLOW_DB_STATEMENT_TIMEOUT",
+               type=seconds_or_zero, default=_DEFAULT_TIMEOUTS.statement_seconds,
+               show_default=True,
+               help="PostgreSQL: seconds one statement may run before the server cancels it; "
+                    "0: no limit (db upgrade and downgrade have none)."),
+    env_option("--db-tcp-timeout", envvar="JOBFLOW_DB_TCP_TIMEOUT", type=seconds,
+               default=_DEFAULT_TIMEOUTS.tcp_seconds, show_default=True,
+               help="PostgreSQL: seconds the server's host may stay silent before a "
+                    "connection is dropped (TCP keepalives and tcp_user_timeout)."),
 ]
 
 OBJECT_STORE_LOCATION_OPTIONS = [
@@ -241,7 +255,12 @@ class FlowOptions:
 
 
 def _store_settings(values: dict[str, Any]) -> StoreSettings:
-    return StoreSettings(**{name: values.pop(name) for name in _STORE_FIELDS if name in values})
+    statement = values.pop("db_statement_timeout")
+    timeouts = DatabaseTimeouts(connect_seconds=values.pop("db_connect_timeout"),
+                                statement_seconds=statement or None,
+                                tcp_seconds=values.pop("db_tcp_timeout"))
+    return StoreSettings(timeouts=timeouts,
+                         **{name: values.pop(name) for name in _STORE_FIELDS if name in values})
 
 
 def _policy(values: dict[str, Any]) -> UploadPolicy:
@@ -477,8 +496,12 @@ def db() -> None:
     """jobflow's database schema (its migrations ship with the package)."""
 
 
-def _engine(settings: StoreSettings) -> Engine:
-    return make_engine(settings.resolved_database_url())
+def _engine(settings: StoreSettings, *, migrating: bool = False) -> Engine:
+    """The engine of a ``db`` command; migrations may run long: no statement timeout."""
+    timeouts = settings.timeouts
+    if migrating:
+        timeouts = attrs.evolve(timeouts, statement_seconds=None)
+    return make_engine(settings.resolved_database_url(), timeouts)
 
 
 @db.command()
@@ -487,7 +510,7 @@ def _engine(settings: StoreSettings) -> Engine:
 @database_options
 def upgrade(settings: StoreSettings, revision: str) -> int:
     """Create or update jobflow's tables."""
-    engine = _engine(settings)
+    engine = _engine(settings, migrating=True)
     migrate(engine, revision)
     _print(f"database at revision {schema_revision(engine) or 'none'}")
     return ExitCode.OK
@@ -498,7 +521,7 @@ def upgrade(settings: StoreSettings, revision: str) -> int:
 @database_options
 def downgrade(settings: StoreSettings, revision: str) -> int:
     """Revert jobflow's migrations down to REVISION ("base" drops jobflow's tables)."""
-    engine = _engine(settings)
+    engine = _engine(settings, migrating=True)
     migrate(engine, revision, down=True)
     _print(f"database at revision {schema_revision(engine) or 'none'}")
     return ExitCode.OK

@@ -41,12 +41,18 @@ The package, by what each module holds:
   or SQLAlchemy error :class:`~jobflow.errors.PermanentStorageError` (never
   worth retrying).
 * :mod:`~jobflow.adapters.sqlalchemy.store`: :class:`SqlAlchemyJobStore`.
+* :mod:`~jobflow.adapters.sqlalchemy.clock`: the database's time, the clock
+  of lease decisions on PostgreSQL (the store's ``clock``).
+* :mod:`~jobflow.adapters.sqlalchemy.engine`: :func:`create_engine` and
+  :class:`DatabaseTimeouts`: PostgreSQL connections that never wait forever.
 """
 
 from __future__ import annotations
 
+from jobflow.adapters.sqlalchemy.engine import DatabaseTimeouts, create_engine, with_timeouts
 from jobflow.adapters.sqlalchemy.queries import NOTIFY_CHANNEL
 from jobflow.adapters.sqlalchemy.store import SUPPORTED_DIALECTS, SqlAlchemyJobStore
 from jobflow.adapters.sqlalchemy.transactions import sqlite_file
 
-__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "SqlAlchemyJobStore", "sqlite_file"]
+__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "DatabaseTimeouts", "SqlAlchemyJobStore",
+           "create_engine", "sqlite_file", "with_timeouts"]
