@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
@@ -85,7 +86,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 4  # invalid transition for the job's status, or lease lost
     STORAGE_UNAVAILABLE = 5  # database or object store unreachable or failing
     UPLOAD_PROBLEM = 6  # upload missing, rejected, expired or refused by the store
-    ALERT = 7  # `status` found more stuck uploads or failures than allowed
+    ALERT = 7  # `status` found more stuck uploads or failures than allowed; `health`: stale
 
 
 EXIT_CODES_HELP = """\b
@@ -99,7 +100,8 @@ Exit codes:
   4  refused: the job's status does not allow this, or the lease was lost
   5  storage unavailable (database or object store); safe to retry
   6  upload missing, rejected, expired, or refused by the object store
-  7  status: more stuck uploads or failures than --max-stuck/--max-failed
+  7  status: more stuck uploads or failures than --max-stuck/--max-failed;
+     health: the worker's health file is stale or missing
   130, 143  worker stopped at once by a second SIGINT/SIGTERM
 """
 
@@ -460,12 +462,16 @@ def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
             help="Name in job histories. Default: host:pid:random.")
 @env_option("--burst", envvar="JOBFLOW_BURST", is_flag=True,
             help="Reconcile once, run the jobs that are due, and exit 0 when none is left.")
+@env_option("--health-file", envvar="JOBFLOW_HEALTH_FILE",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Touch this file every second while the claim loop and the lease renewals "
+                 "make progress (see `jobflow health`); removed when the worker stops.")
 @flow_options
 def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: float,
            heartbeat_interval: float | None, poll_interval: float, listen: bool,
            listen_poll_interval: float, reconcile_interval: float, shutdown_grace: float,
            job_timeout: float | None, flush_interval: float, worker_id: str | None,
-           burst: bool) -> int:
+           burst: bool, health_file: Path | None) -> int:
     """Run a worker until SIGTERM or SIGINT (with --burst: until the queue is empty).
 
     The first signal stops claiming, lets running jobs finish within the grace
@@ -483,8 +489,43 @@ def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: 
         poll_interval=poll_interval, listen_poll_interval=listen_poll_interval,
         reconcile_interval=reconcile_interval, shutdown_grace=shutdown_grace,
         job_timeout=job_timeout, flush_interval=flush_interval,
-        wakeup=wakeup_for(flow.store) if listen else PollingWakeup())
+        wakeup=wakeup_for(flow.store) if listen else PollingWakeup(), health_file=health_file)
     run_until_signalled(running, until_idle=burst)
+    return ExitCode.OK
+
+
+@cli.command()
+@env_option("--file", "path", envvar="JOBFLOW_HEALTH_FILE", required=True,
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="The --health-file of the worker to check.")
+@env_option("--max-age", envvar="JOBFLOW_HEALTH_MAX_AGE", type=seconds, default=60.0,
+            show_default=True,
+            help="Seconds since the file was last touched beyond which the worker is "
+                 "unhealthy.")
+def health(path: Path, max_age: float) -> int:
+    """Exit 0 if a worker's health file is fresh, 7 with a message if it is stale
+    or missing: a liveness probe for an orchestrator (an exec probe).
+
+    The worker touches the file every second while its claim loop and its lease
+    renewals make progress; it goes stale when either is stuck (a database that
+    hangs) for longer than the worker's heartbeat interval. Only reads the
+    file: no database is opened.
+    """
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        click.echo(f"jobflow: unhealthy: no health file {path} (the worker is not running, "
+                   "has not started yet, or has no --health-file)", err=True)
+        return ExitCode.ALERT
+    except OSError as exc:
+        click.echo(f"jobflow: unhealthy: cannot read the health file {path}: {exc}", err=True)
+        return ExitCode.ALERT
+    if age > max_age:
+        click.echo(f"jobflow: unhealthy: the health file {path} was last touched {age:.0f} s "
+                   f"ago, more than --max-age {max_age:g} s: the worker's claim loop or its "
+                   "lease renewals are stuck", err=True)
+        return ExitCode.ALERT
+    _print(f"healthy: {path} touched {age:.1f} s ago")
     return ExitCode.OK
 
 
