@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
+
 from jobflow import JobStatus
 from tests.chaos.conftest import CHAOS, Site
+from tests.conftest import IN_CI
 
 pytestmark = CHAOS
 
@@ -24,6 +28,12 @@ settings = StoreSettings(database_url=os.environ["JOBFLOW_DATABASE_URL"],
 store = open_flow(settings, UploadPolicy()).store
 print(" ".join(job.id for job in store.expired_leases(now=local_clock(), limit=10)))
 """
+
+
+@pytest.fixture(autouse=True)
+def _faketime() -> None:
+    if shutil.which("faketime") is None and not IN_CI:
+        pytest.skip("faketime is not installed (scripts/ensure-test-tools installs it)")
 
 
 def test_a_reconcile_90_s_in_the_future_leaves_a_live_lease_alone(site: Site) -> None:
