@@ -17,7 +17,8 @@ only once it is written.
 
 A supervisor thread renews, in one call, every lease that is due, and
 enforces the per-job timeout; a housekeeping thread runs
-:meth:`~jobflow.JobFlow.reconcile` periodically. Every write the worker makes
+:meth:`~jobflow.JobFlow.reconcile` periodically; a watch thread logs a
+claim or a renewal stuck on the store and keeps the health file fresh. Every write the worker makes
 carries the lease token, so a worker that lost its lease (it was paused, or
 cut off, and its job was rescued) changes nothing: the store answers
 :class:`~jobflow.errors.LeaseLost` and the worker drops the outcome.
@@ -431,7 +432,7 @@ class Worker:
         released = 0
         try:
             if claims.ident is not None:  # started: it ends at once, unless a claim hangs
-                claims.join(max(grace_ends - time.monotonic(), 0.0))
+                claims.join(max(deadline - time.monotonic(), 0.0))
             self._wakeup.close()
             released = self._shut_down(grace_ends)
         finally:
@@ -933,7 +934,7 @@ class _OutcomeBuffer:
                     if (self._closed_by is not None or self._urgent
                             or len(self._pending) >= worker.concurrency
                             or waited >= worker.flush_interval or not worker.busy):
-                        batch, self._pending = self._pending, []
+                        batch, self._pending = _one_per_job(self._pending)
                         self._writing, self._urgent = len(batch), False
                         return batch
                     self._changed.wait(worker.flush_interval - waited)
@@ -1003,6 +1004,20 @@ class _OutcomeBuffer:
         log = attempt.log.warning if level == "warning" else attempt.log.info
         log("handler.finished", status=outcome.status.value,
             duration_ms=_elapsed_ms(attempt.started), **fields)
+
+
+def _one_per_job(pending: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+    """A batch with one outcome per job, and the rest, in order. A job can have
+    two outcomes waiting (a paused attempt that lost its lease and the attempt
+    that followed it), and a batch takes each job at most once: the later one
+    goes in the next batch."""
+    batch: list[_Pending] = []
+    rest: list[_Pending] = []
+    seen: set[str] = set()
+    for item in pending:
+        (rest if item.attempt.job_id in seen else batch).append(item)
+        seen.add(item.attempt.job_id)
+    return batch, rest
 
 
 def _write_name(outcome: Outcome) -> str:
