@@ -294,6 +294,7 @@ class Worker:
         self.flush_interval = flush_interval
         self.health_file = Path(health_file) if health_file is not None else None
         self._health_file_failed = False
+        self._health_lock = threading.Lock()
         self._check_settings()
         self._wakeup = wakeup if wakeup is not None else wakeup_for(flow.store)
         self._log: structlog.typing.FilteringBoundLogger = (
@@ -437,6 +438,7 @@ class Worker:
             released = self._shut_down(grace_ends)
         finally:
             self._housekeeping_done.set()
+            self._remove_health_file()
             self._supervisor_wake.set()
             for _ in range(self.concurrency):
                 self._ready.put(None)  # handler threads still running a job stay daemons
@@ -752,17 +754,11 @@ class Worker:
     def _watch(self) -> None:
         """Say when the claim loop or the lease renewals are stuck in a store call
         for longer than a heartbeat interval (a hung database shows in the log,
-        not only as silence), and keep the health file fresh while neither is;
-        remove it when the worker stops."""
-        try:
-            while True:
-                self._check_progress()
-                if self._housekeeping_done.wait(min(HEALTH_INTERVAL, self.heartbeat_interval / 2)):
-                    return
-        finally:
-            if self.health_file is not None:
-                with contextlib.suppress(OSError):
-                    self.health_file.unlink(missing_ok=True)
+        not only as silence), and keep the health file fresh while neither is."""
+        while True:
+            self._check_progress()
+            if self._housekeeping_done.wait(min(HEALTH_INTERVAL, self.heartbeat_interval / 2)):
+                return
 
     def _check_progress(self) -> None:
         now = time.monotonic()
@@ -779,7 +775,13 @@ class Worker:
                 self._log.info("worker.stall_ended", loop=loop.name,
                                seconds=round(now - loop.stalled_since, 1))
                 loop.stalled_since = None
-        if healthy and self.health_file is not None:
+        if healthy:
+            self._touch_health_file()
+
+    def _touch_health_file(self) -> None:
+        with self._health_lock:
+            if self.health_file is None or self._housekeeping_done.is_set():
+                return  # stopped: the file is removed, not touched again
             try:
                 self.health_file.touch()
             except OSError as exc:
@@ -789,6 +791,12 @@ class Worker:
                 self._health_file_failed = True
             else:
                 self._health_file_failed = False
+
+    def _remove_health_file(self) -> None:
+        with self._health_lock:
+            if self.health_file is not None:
+                with contextlib.suppress(OSError):
+                    self.health_file.unlink(missing_ok=True)
 
     # -- housekeeping -----------------------------------------------------------------
 
