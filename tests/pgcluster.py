@@ -9,12 +9,15 @@ are not on PATH), else from PATH.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,16 +68,25 @@ def free_port() -> int:
 
 
 class PostgresCluster:
-    """One PostgreSQL server in a temporary folder, for one test run."""
+    """One PostgreSQL server in a temporary folder, for one test run (or one test).
 
-    def __init__(self) -> None:
+    ``settings`` (``name=value``) are added to the fast defaults and win over
+    them. Besides starting and stopping, a test can make the server fail:
+    :meth:`crash` it and :meth:`restart` it, or :meth:`freeze` every one of
+    its processes (SIGSTOP: the kernel still accepts connections and
+    acknowledges packets, nothing answers) and :meth:`thaw` them.
+    """
+
+    def __init__(self, settings: Sequence[str] = ()) -> None:
         self._bin = _bindir()
         self._as_root = os.geteuid() == 0
         self.folder = Path(tempfile.mkdtemp(prefix="jobflow-pg-"))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
         self.port = 0
+        self._settings = (*_FAST_SETTINGS, *settings)
         self._started = False
+        self._frozen: list[int] = []
 
     def _run(self, args: Sequence[str]) -> None:
         command = [*(["runuser", "-u", SERVER_USER, "--"] if self._as_root else []), *args]
@@ -108,19 +120,65 @@ class PostgresCluster:
                    "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
         for attempt in range(3):  # the free port may be taken before the server binds it
             self.port = free_port()
-            options = " ".join([f"-p {self.port}", f"-k {self.folder}",
-                                "-c listen_addresses=127.0.0.1",
-                                *(f"-c {setting}" for setting in _FAST_SETTINGS)])
             try:
-                self._run([str(self._bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                           "-o", options, "-w", "-t", "60", "start"])
+                self._pg_ctl_start()
             except PostgresUnavailable:
                 if attempt == 2:
                     raise
                 continue
-            self._started = True
             return self
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _pg_ctl_start(self) -> None:
+        options = " ".join([f"-p {self.port}", f"-k {self.folder}",
+                            "-c listen_addresses=127.0.0.1",
+                            *(f"-c {setting}" for setting in self._settings)])
+        self._run([str(self._bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                   "-o", options, "-w", "-t", "60", "start"])
+        self._started = True
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def crash(self) -> None:
+        """Stop the server as a crash would (``pg_ctl stop -m immediate``): every
+        connection drops, and the next start recovers from the WAL."""
+        self.thaw()
+        self._run([str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                   "-w", "stop"])
+        self._started = False
+
+    def restart(self) -> None:
+        """Start the server again, on the same port, after :meth:`crash`."""
+        self._pg_ctl_start()
+
+    def processes(self) -> list[int]:
+        """The server's process ids: the postmaster first, then its children."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process ended meanwhile
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server (the postmaster first, so that it
+        starts no new one) and wait until each is stopped."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                self._frozen.append(pid)
+        for pid in self._frozen:
+            wait_stopped(pid)
+
+    def thaw(self) -> None:
+        """SIGCONT every process :meth:`freeze` stopped."""
+        while self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._frozen.pop(), signal.SIGCONT)
 
     def url(self, database: str = "postgres") -> str:
         """A psycopg 3 URL reaching the server through its socket folder."""
@@ -129,12 +187,27 @@ class PostgresCluster:
 
     def stop(self) -> None:
         try:
+            self.thaw()
             if self._started:
                 self._run([str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
                            "-w", "stop"])
                 self._started = False
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until the process is in the stopped state (``T`` in /proc)."""
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return  # gone
+        if state in ("T", "t"):
+            return
+        time.sleep(0.005)
+    raise PostgresUnavailable(f"process {pid} did not stop")
 
 
 class DatabaseServer:

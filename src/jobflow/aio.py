@@ -160,8 +160,9 @@ class AsyncJobFlow:
     # JobFlow's or when JobFlow gains a method that has no twin here.
 
     async def now(self) -> datetime:
-        """The flow's clock, read now (see :meth:`JobFlow.now`)."""
-        return self._flow.now()
+        """The flow's clock, read now (see :meth:`JobFlow.now`): the database's
+        on PostgreSQL, which a reading may have to ask."""
+        return await greenlet_spawn(self._flow.now)
 
     async def initiate_upload(self, owner_id: str, params: JSONDict | None = None, *,
                               content_type: str, sha256: str | None = None) -> UploadTicket:

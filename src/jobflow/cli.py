@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ import click
 import structlog
 
 from jobflow import states
+from jobflow.adapters.sqlalchemy.engine import DatabaseTimeouts
 from jobflow.config import (
     StoreSettings,
     make_engine,
@@ -91,7 +93,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 4  # invalid transition for the job's status, or lease lost
     STORAGE_UNAVAILABLE = 5  # database or object store unreachable or failing
     UPLOAD_PROBLEM = 6  # upload missing, rejected, expired or refused by the store
-    ALERT = 7  # `status` found more stuck uploads or failures than allowed
+    ALERT = 7  # `status` found more stuck uploads or failures than allowed; `health`: stale
 
 
 EXIT_CODES_HELP = """\b
@@ -105,7 +107,8 @@ Exit codes:
   4  refused: the job's status does not allow this, or the lease was lost
   5  storage unavailable (database or object store); safe to retry
   6  upload missing, rejected, expired, or refused by the object store
-  7  status: more stuck uploads or failures than --max-stuck/--max-failed
+  7  status: more stuck uploads or failures than --max-stuck/--max-failed;
+     health: the worker's health file is stale or missing
   130, 143  worker stopped at once by a second SIGINT/SIGTERM
 """
 
@@ -186,11 +189,24 @@ class Duration(click.ParamType[timedelta, Any]):
                       param, ctx)
         return timedelta(seconds=amount)
 
+_DEFAULT_TIMEOUTS = DatabaseTimeouts()
 DATABASE_OPTIONS = [
     env_option("--database-url", envvar="JOBFLOW_DATABASE_URL", metavar="URL",
                help="Job database: postgresql://user:password@host/db or sqlite:///path. "
                     "Default: the SQLite file jobflow.sqlite3 in the working directory, "
                     "created and migrated on first use."),
+    env_option("--db-connect-timeout", envvar="JOBFLOW_DB_CONNECT_TIMEOUT", type=seconds,
+               default=_DEFAULT_TIMEOUTS.connect_seconds, show_default=True,
+               help="PostgreSQL: seconds to open a connection (whole seconds, at least 2)."),
+    env_option("--db-statement-timeout", envvar="JOBFLOW_DB_STATEMENT_TIMEOUT",
+               type=seconds_or_zero, default=_DEFAULT_TIMEOUTS.statement_seconds,
+               show_default=True,
+               help="PostgreSQL: seconds one statement may run before the server cancels it; "
+                    "0: no limit (db upgrade and downgrade have none)."),
+    env_option("--db-tcp-timeout", envvar="JOBFLOW_DB_TCP_TIMEOUT", type=seconds,
+               default=_DEFAULT_TIMEOUTS.tcp_seconds, show_default=True,
+               help="PostgreSQL: seconds the server's host may stay silent before a "
+                    "connection is dropped (TCP keepalives and tcp_user_timeout)."),
 ]
 
 OBJECT_STORE_LOCATION_OPTIONS = [
@@ -283,7 +299,12 @@ class FlowOptions:
 
 
 def _store_settings(values: dict[str, Any]) -> StoreSettings:
-    return StoreSettings(**{name: values.pop(name) for name in _STORE_FIELDS if name in values})
+    statement = values.pop("db_statement_timeout")
+    timeouts = DatabaseTimeouts(connect_seconds=values.pop("db_connect_timeout"),
+                                statement_seconds=statement or None,
+                                tcp_seconds=values.pop("db_tcp_timeout"))
+    return StoreSettings(timeouts=timeouts,
+                         **{name: values.pop(name) for name in _STORE_FIELDS if name in values})
 
 
 def _policy(values: dict[str, Any]) -> UploadPolicy:
@@ -497,13 +518,17 @@ def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
                  "free port, logged). Default: not served.")
 @env_option("--metrics-host", envvar="JOBFLOW_METRICS_HOST", default="0.0.0.0",
             show_default=True, help="The address the metrics are served on.")
+@env_option("--health-file", envvar="JOBFLOW_HEALTH_FILE",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Touch this file every second while the claim loop and the lease renewals "
+                 "make progress (see `jobflow health`); removed when the worker stops.")
 @flow_options
 def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: float,
            heartbeat_interval: float | None, poll_interval: float, listen: bool,
            listen_poll_interval: float, reconcile_interval: float, shutdown_grace: float,
            job_timeout: float | None, flush_interval: float, storage_pause: float,
            storage_pause_max: float, worker_id: str | None, burst: bool,
-           metrics_port: int | None, metrics_host: str) -> int:
+           metrics_port: int | None, metrics_host: str, health_file: Path | None) -> int:
     """Run a worker until SIGTERM or SIGINT (with --burst: until the queue is empty).
 
     The first signal stops claiming, lets running jobs finish within the grace
@@ -522,9 +547,44 @@ def worker(options: FlowOptions, handler: str, concurrency: int, lease_seconds: 
         reconcile_interval=reconcile_interval, shutdown_grace=shutdown_grace,
         job_timeout=job_timeout, flush_interval=flush_interval, storage_pause=storage_pause,
         storage_pause_max=storage_pause_max,
-        wakeup=wakeup_for(flow.store) if listen else PollingWakeup())
+        wakeup=wakeup_for(flow.store) if listen else PollingWakeup(), health_file=health_file)
     with process_metrics_served(metrics_host, metrics_port):
         run_until_signalled(running, until_idle=burst)
+    return ExitCode.OK
+
+
+@cli.command()
+@env_option("--file", "path", envvar="JOBFLOW_HEALTH_FILE", required=True,
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="The --health-file of the worker to check.")
+@env_option("--max-age", envvar="JOBFLOW_HEALTH_MAX_AGE", type=seconds, default=60.0,
+            show_default=True,
+            help="Seconds since the file was last touched beyond which the worker is "
+                 "unhealthy.")
+def health(path: Path, max_age: float) -> int:
+    """Exit 0 if a worker's health file is fresh, 7 with a message if it is stale
+    or missing: a liveness probe for an orchestrator (an exec probe).
+
+    The worker touches the file every second while its claim loop and its lease
+    renewals make progress; it goes stale when either is stuck (a database that
+    hangs) for longer than the worker's heartbeat interval. Only reads the
+    file: no database is opened.
+    """
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        click.echo(f"jobflow: unhealthy: no health file {path} (the worker is not running, "
+                   "has not started yet, or has no --health-file)", err=True)
+        return ExitCode.ALERT
+    except OSError as exc:
+        click.echo(f"jobflow: unhealthy: cannot read the health file {path}: {exc}", err=True)
+        return ExitCode.ALERT
+    if age > max_age:
+        click.echo(f"jobflow: unhealthy: the health file {path} was last touched {age:.0f} s "
+                   f"ago, more than --max-age {max_age:g} s: the worker's claim loop or its "
+                   "lease renewals are stuck", err=True)
+        return ExitCode.ALERT
+    _print(f"healthy: {path} touched {age:.1f} s ago")
     return ExitCode.OK
 
 
@@ -536,8 +596,12 @@ def db() -> None:
     """jobflow's database schema (its migrations ship with the package)."""
 
 
-def _engine(settings: StoreSettings) -> Engine:
-    return make_engine(settings.resolved_database_url())
+def _engine(settings: StoreSettings, *, migrating: bool = False) -> Engine:
+    """The engine of a ``db`` command; migrations may run long: no statement timeout."""
+    timeouts = settings.timeouts
+    if migrating:
+        timeouts = attrs.evolve(timeouts, statement_seconds=None)
+    return make_engine(settings.resolved_database_url(), timeouts)
 
 
 @db.command()
@@ -546,7 +610,7 @@ def _engine(settings: StoreSettings) -> Engine:
 @database_options
 def upgrade(settings: StoreSettings, revision: str) -> int:
     """Create or update jobflow's tables."""
-    engine = _engine(settings)
+    engine = _engine(settings, migrating=True)
     migrate(engine, revision)
     _print(f"database at revision {schema_revision(engine) or 'none'}")
     return ExitCode.OK
@@ -557,7 +621,7 @@ def upgrade(settings: StoreSettings, revision: str) -> int:
 @database_options
 def downgrade(settings: StoreSettings, revision: str) -> int:
     """Revert jobflow's migrations down to REVISION ("base" drops jobflow's tables)."""
-    engine = _engine(settings)
+    engine = _engine(settings, migrating=True)
     migrate(engine, revision, down=True)
     _print(f"database at revision {schema_revision(engine) or 'none'}")
     return ExitCode.OK

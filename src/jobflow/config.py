@@ -17,6 +17,7 @@ import attrs
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from jobflow.adapters.sqlalchemy.engine import DatabaseTimeouts, create_engine
 from jobflow.errors import ConfigurationError, JobflowError, StorageUnavailable
 from jobflow.flow import JobFlow
 from jobflow.models import UploadPolicy
@@ -45,6 +46,8 @@ class StoreSettings:
     s3_region: str | None = None
     s3_prefix: str = ""
     s3_upload_method: str = "PUT"
+    #: Limits on every wait for PostgreSQL (ignored on SQLite).
+    timeouts: DatabaseTimeouts = attrs.field(factory=DatabaseTimeouts)
     workdir: Path = attrs.field(factory=Path.cwd)
 
     def resolved_database_url(self) -> str:
@@ -65,9 +68,10 @@ class StoreSettings:
         return bool(self.s3_bucket)
 
 
-def make_engine(url: str) -> Engine:
-    """A SQLAlchemy engine for ``url``; a bad URL or a missing driver is a
-    :class:`ConfigurationError`. Nothing connects yet."""
+def make_engine(url: str, timeouts: DatabaseTimeouts | None = None) -> Engine:
+    """A SQLAlchemy engine for ``url`` whose PostgreSQL connections have
+    ``timeouts`` (default: :class:`DatabaseTimeouts`'s); a bad URL or a missing
+    driver is a :class:`ConfigurationError`. Nothing connects yet."""
     try:
         parsed = sa.make_url(url)
     except sa_exc.ArgumentError as exc:
@@ -78,7 +82,7 @@ def make_engine(url: str) -> Engine:
             "a sqlite:/// file")
     _check_sqlite_folder(parsed)
     try:
-        return sa.create_engine(parsed)
+        return create_engine(parsed, timeouts=timeouts)
     except ImportError as exc:
         raise ConfigurationError(
             f"the database driver is not installed ({exc}); for PostgreSQL install "
@@ -177,7 +181,7 @@ def open_job_store(settings: StoreSettings, *, create: bool = True,
     """
     from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_engine(settings.resolved_database_url(), settings.timeouts)
     missing = None if create and not read_only else missing_sqlite_file(engine)
     if missing is not None:
         raise ConfigurationError(

@@ -218,7 +218,9 @@ class JobFlow:
     """Upload-first jobs: create, verify, claim, finish, reconcile.
 
     ``clock`` is a zero-argument callable returning an aware UTC datetime
-    (default: the system clock). ``policy`` is the :class:`UploadPolicy`
+    (default: the store's ``clock`` when it has one, such as the database's
+    time on PostgreSQL, so that every host judges leases by the same clock;
+    else the system clock). ``policy`` is the :class:`UploadPolicy`
     applied to every upload and attempt. ``new_job_id`` makes job ids (default:
     random UUIDs; tests pass a deterministic one). ``metrics`` records what
     the flow does, its object store calls included (default: the process-wide
@@ -234,7 +236,7 @@ class JobFlow:
         self.metrics = metrics if metrics is not None else default_metrics()
         self.objects = instrument_objects(objects, self.metrics)
         self.policy = policy or UploadPolicy()
-        self._clock: Callable[[], datetime] = clock or utc_now
+        self._clock: Callable[[], datetime] = clock or getattr(store, "clock", None) or utc_now
         self._new_job_id = new_job_id
         self._log: structlog.typing.FilteringBoundLogger = logger or library_logger("jobflow")
 

@@ -42,6 +42,12 @@ class JobStore(Protocol):
     :class:`~jobflow.errors.StorageUnavailable`; setup errors
     :class:`~jobflow.errors.ConfigurationError`; any other driver failure
     :class:`~jobflow.errors.PermanentStorageError`, which retrying cannot fix.
+
+    A store may also offer a ``clock`` attribute (a :class:`Clock`): the time
+    its lease decisions should be judged by, shared by every process that
+    uses the same store (the SQL store on PostgreSQL: the database server's
+    time). :class:`~jobflow.JobFlow` uses it when it is given no clock. The
+    in-memory store has none: it lives in one process.
     """
 
     def create(self, change: Change) -> Job:

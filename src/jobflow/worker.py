@@ -17,7 +17,8 @@ only once it is written.
 
 A supervisor thread renews, in one call, every lease that is due, and
 enforces the per-job timeout; a housekeeping thread runs
-:meth:`~jobflow.JobFlow.reconcile` periodically. Every write the worker makes
+:meth:`~jobflow.JobFlow.reconcile` periodically; a watch thread logs a
+claim or a renewal stuck on the store and keeps the health file fresh. Every write the worker makes
 carries the lease token, so a worker that lost its lease (it was paused, or
 cut off, and its job was rescued) changes nothing: the store answers
 :class:`~jobflow.errors.LeaseLost` and the worker drops the outcome.
@@ -54,12 +55,13 @@ Outcomes:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -114,6 +116,11 @@ MAX_WRITE_BACKOFF = 2.0
 #: Longer jobs gain nothing from it, and a job claimed ahead would wait, leased,
 #: for a slot while another worker may have one free.
 CLAIM_AHEAD_BELOW = 1.0
+#: A stopping worker waits this many seconds past its shutdown grace for its
+#: last writes (the releases of jobs still running), then returns regardless.
+FINAL_WRITE_SECONDS = 2.0
+#: How often a worker touches its health file, at most.
+HEALTH_INTERVAL = 1.0
 
 Handler = Callable[[Job, "JobContext"], Any]
 
@@ -294,6 +301,12 @@ class Worker:
     later such attempt up to ``storage_pause_max``, and back to none after an
     attempt that succeeds: while the store keeps failing, the worker does not
     burn through its queue.
+
+    ``health_file``, when given, is touched every second (at most) while
+    neither the claim loop nor the lease renewals have been stuck in a store
+    call for longer than ``heartbeat_interval``, and removed when the worker
+    stops: its age is a liveness check (``jobflow health``). Such a stall is
+    logged either way (``worker.stalled``).
     """
 
     def __init__(self, flow: JobFlow, handler: Handler, *, worker_id: str | None = None,
@@ -303,6 +316,7 @@ class Worker:
                  shutdown_grace: float = 25.0, job_timeout: float | None = None,
                  flush_interval: float = 0.005, storage_pause: float = 1.0,
                  storage_pause_max: float = 30.0, wakeup: Wakeup | None = None,
+                 health_file: Path | str | None = None,
                  logger: structlog.typing.FilteringBoundLogger | None = None) -> None:
         self.flow = flow
         self.handler = handler
@@ -318,6 +332,9 @@ class Worker:
         self.flush_interval = flush_interval
         self.storage_pause = storage_pause
         self.storage_pause_max = storage_pause_max
+        self.health_file = Path(health_file) if health_file is not None else None
+        self._health_file_failed = False
+        self._health_lock = threading.Lock()
         self._check_settings()
         self._wakeup = wakeup if wakeup is not None else wakeup_for(flow.store)
         self._log: structlog.typing.FilteringBoundLogger = (
@@ -344,6 +361,10 @@ class Worker:
         self._pause = 0.0
         self._paused_until = 0.0
         self._started = False
+        self._stop_requested_at: float | None = None  # time.monotonic() of the first stop()
+        # The two loops whose progress the watch thread checks.
+        self._claiming = _Loop("claims")
+        self._renewing = _Loop("heartbeats")
 
     def _check_settings(self) -> None:
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
@@ -403,6 +424,8 @@ class Worker:
         ``shutdown_grace``, releases the rest, writes every outcome and returns.
         Safe from any thread and from a signal handler running in a thread
         other than :meth:`run`'s."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
         self._shutdown_requested.set()
         self._stopping.set()
         self._wake.set()
@@ -413,6 +436,12 @@ class Worker:
         With ``until_idle``, reconcile once, then return as soon as no handler is
         running, every outcome is written and nothing is due (or claiming is
         paused for an object store outage): convenient for scripts and tests.
+
+        Once stopped, it returns within ``shutdown_grace`` plus
+        :data:`FINAL_WRITE_SECONDS`, even while the database hangs: a thread
+        still waiting for it then is left behind (each is a daemon thread),
+        and what it did not write is left to the fencing: the jobs' leases
+        expire, they are rescued and run again.
         """
         if self._started:
             raise RuntimeError("a Worker runs once; create a new one")
@@ -423,35 +452,68 @@ class Worker:
                                         name="jobflow-outcomes", daemon=True))
         threads.append(threading.Thread(target=self._supervise, name="jobflow-supervisor",
                                         daemon=True))
+        threads.append(threading.Thread(target=self._watch, name="jobflow-watch", daemon=True))
         if not until_idle:
             threads.append(threading.Thread(target=self._housekeep, name="jobflow-reconcile",
                                             daemon=True))
+        failure: list[BaseException] = []
+        # The claim loop runs in a thread of its own too, so that a claim that
+        # hangs on the database cannot hold up the shutdown.
+        claims = threading.Thread(target=self._claim_loop, args=(until_idle, failure),
+                                  name="jobflow-claims", daemon=True)
         for thread in threads:
             thread.start()
-        released = 0
         try:
-            if until_idle:
-                self._reconcile_once()
             self._wakeup.start(self._wake.set)
             self._log.info("worker.started", concurrency=self.concurrency,
                            lease_seconds=self.lease_seconds, poll_interval=self.poll_interval)
-            self._claim_until_stopped(until_idle)
+            claims.start()
+            self._stopping.wait()  # stop(), or the claim loop ended
         finally:
-            grace_ends = time.monotonic() + self.shutdown_grace
-            try:
-                released = self._shut_down(grace_ends)
-            finally:
-                self._housekeeping_done.set()
-                self._supervisor_wake.set()
-                for _ in range(self.concurrency):
-                    self._ready.put(None)  # handler threads still running a job stay daemons
-                self._outcomes.close(grace_ends)
-                self._wakeup.close()
-                for thread in threads[self.concurrency:]:
-                    thread.join()
-            self._log.info("worker.stopped", released=released)
+            self._finish(claims, threads[self.concurrency:])
+        if failure:
+            raise failure[0]
+
+    def _finish(self, claims: threading.Thread, services: Sequence[threading.Thread]) -> None:
+        """Shut down: running handlers get the grace, the last writes until
+        :data:`FINAL_WRITE_SECONDS` after it; no wait lasts longer."""
+        self._stopping.set()
+        self._wake.set()
+        grace_ends = (self._stop_requested_at or time.monotonic()) + self.shutdown_grace
+        deadline = grace_ends + FINAL_WRITE_SECONDS
+        released = 0
+        try:
+            if claims.ident is not None:  # started: it ends at once, unless a claim hangs
+                claims.join(max(deadline - time.monotonic(), 0.0))
+            self._wakeup.close()
+            released = self._shut_down(grace_ends)
+        finally:
+            self._housekeeping_done.set()
+            self._remove_health_file()
+            self._supervisor_wake.set()
+            for _ in range(self.concurrency):
+                self._ready.put(None)  # handler threads still running a job stay daemons
+            self._outcomes.close(deadline)
+            for thread in services:
+                thread.join(max(deadline - time.monotonic(), 0.0))
+            stuck = [t.name for t in (claims, *services) if t.is_alive()]
+            if stuck:
+                self._log.warning("worker.stop_timeout", waiting=stuck,
+                                  unwritten=self._outcomes.unwritten)
+        self._log.info("worker.stopped", released=released)
 
     # -- claiming ---------------------------------------------------------------------
+
+    def _claim_loop(self, until_idle: bool, failure: list[BaseException]) -> None:
+        """The claim loop's thread: when it ends, for any reason, the worker stops."""
+        try:
+            if until_idle:
+                self._reconcile_once()
+            self._claim_until_stopped(until_idle)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            self._stopping.set()
 
     def _claim_until_stopped(self, until_idle: bool) -> None:
         partly_free_since: float | None = None
@@ -478,7 +540,8 @@ class Worker:
             writes_seen = self._outcomes.batches_written
             if free > 0:
                 looked_at = time.monotonic()
-                claims = self._claim(free)
+                with self._claiming.round():
+                    claims = self._claim(free)
                 with self._attempts_lock:
                     if self._retry_due is not None and self._retry_due <= looked_at:
                         self._retry_due = None  # this claim already saw it due
@@ -809,7 +872,8 @@ class Worker:
             due = [a for a in live if not a.settled and now >= a.next_beat]
             if due:
                 try:
-                    self._renew_due(due)
+                    with self._renewing.round():
+                        self._renew_due(due)
                 except Exception as exc:  # never let one failure stop every lease renewal
                     self._log.error("worker.supervision_failed", error=error_message(exc),
                                     exc_info=exc)
@@ -818,6 +882,55 @@ class Worker:
                      for a in live if not a.settled]
             wait = min(times) - time.monotonic() if times else self.heartbeat_interval
             self._supervisor_wake.wait(max(wait, 0.0))
+
+    # -- watching the loops ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Say when the claim loop or the lease renewals are stuck in a store call
+        for longer than a heartbeat interval (a hung database shows in the log,
+        not only as silence), and keep the health file fresh while neither is."""
+        while True:
+            self._check_progress()
+            if self._housekeeping_done.wait(min(HEALTH_INTERVAL, self.heartbeat_interval / 2)):
+                return
+
+    def _check_progress(self) -> None:
+        now = time.monotonic()
+        healthy = True
+        for loop in (self._claiming, self._renewing):
+            since = loop.busy_since
+            late = since is not None and now - since > self.heartbeat_interval
+            healthy = healthy and not late
+            if late and loop.stalled_since is None:
+                loop.stalled_since = since
+                self._log.warning("worker.stalled", loop=loop.name,
+                                  seconds=round(now - (since or now), 1), held=self.busy)
+            elif not late and loop.stalled_since is not None:
+                self._log.info("worker.stall_ended", loop=loop.name,
+                               seconds=round(now - loop.stalled_since, 1))
+                loop.stalled_since = None
+        if healthy:
+            self._touch_health_file()
+
+    def _touch_health_file(self) -> None:
+        with self._health_lock:
+            if self.health_file is None or self._housekeeping_done.is_set():
+                return  # stopped: the file is removed, not touched again
+            try:
+                self.health_file.touch()
+            except OSError as exc:
+                if not self._health_file_failed:
+                    self._log.warning("worker.health_file_failed", path=str(self.health_file),
+                                      error=str(exc))
+                self._health_file_failed = True
+            else:
+                self._health_file_failed = False
+
+    def _remove_health_file(self) -> None:
+        with self._health_lock:
+            if self.health_file is not None:
+                with contextlib.suppress(OSError):
+                    self.health_file.unlink(missing_ok=True)
 
     # -- housekeeping -----------------------------------------------------------------
 
@@ -866,6 +979,25 @@ class Worker:
         return released
 
 
+@attrs.define(eq=False)
+class _Loop:
+    """A loop of the worker whose store calls are watched: the claim loop or the
+    lease renewals."""
+
+    name: str
+    busy_since: float | None = None  # time.monotonic() when its store call began
+    stalled_since: float | None = None  # set while a stall is reported
+
+    @contextlib.contextmanager
+    def round(self) -> Iterator[None]:
+        """A store call of the loop."""
+        self.busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.busy_since = None
+
+
 class _OutcomeBuffer:
     """Finished attempts' outcomes, written in batches by one thread.
 
@@ -894,6 +1026,12 @@ class _OutcomeBuffer:
             # batch itself) and for a full batch, not for each outcome.
             if len(self._pending) in (1, self._worker.concurrency):
                 self._changed.notify_all()
+
+    @property
+    def unwritten(self) -> int:
+        """Outcomes not written yet: buffered, or in a write under way."""
+        with self._changed:
+            return len(self._pending) + self._writing
 
     def slot_freed(self) -> None:
         """The last handler returned: the batch is complete."""

@@ -8,7 +8,7 @@ import contextlib
 import inspect
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from jobflow import AsyncJobFlow, Claim, Event, JobFlow, JobStatus
 from jobflow.adapters.memory import InMemoryJobStore, InMemoryObjectStore
 from jobflow.adapters.sqlalchemy import AsyncSqlAlchemyJobStore, SqlAlchemyJobStore
+from jobflow.adapters.sqlalchemy.clock import DatabaseClock
 from jobflow.errors import ConfigurationError, JobflowError, StorageUnavailable
 from jobflow.models import ObjectInfo
 from tests.aio.stores import AsyncStore, AsyncStores
@@ -285,3 +286,38 @@ def test_an_unreachable_database_is_unavailable_and_nothing_is_created(
             await engine.dispose()
 
     runner.run(scenario())
+
+
+# -- the clock of lease decisions ------------------------------------------------------------
+
+
+def test_on_postgresql_the_async_facade_judges_time_by_the_database(
+        runner: asyncio.Runner, sql_async_stores: AsyncStores) -> None:
+    """AsyncJobFlow given no clock takes the store's, as JobFlow does; on an
+    async driver the clock reads the database inside the loop's greenlet, the
+    first readings and the ones due later, concurrent callers included."""
+    store = sql_async_stores()
+    flow = AsyncJobFlow(store=store, objects=InMemoryObjectStore(), logger=QUIET_LOGGER)
+    clock = store._store.clock  # type: ignore[union-attr]
+    if sql_async_stores.kind != "postgres":
+        assert not isinstance(clock, DatabaseClock)
+        return
+    assert isinstance(clock, DatabaseClock)
+    clock.resample_seconds = 0.0  # every call after the first finds a reading due
+
+    async def readings() -> list[datetime]:
+        return list(await asyncio.gather(*(flow.now() for _ in range(8))))
+
+    async def database_time() -> datetime:
+        async with store.engine.connect() as conn:
+            value: datetime = (await conn.execute(sa.text("SELECT clock_timestamp()"))
+                               ).scalar_one()
+            return value
+
+    first = runner.run(readings())
+    first_reading = clock._reading
+    later = runner.run(readings())
+    server = runner.run(database_time())
+    assert all(abs((moment - server).total_seconds()) < 5 for moment in first + later)
+    assert first_reading is not None and clock._reading is not None
+    assert clock._reading[1] > first_reading[1], "the reading due was taken by a caller"

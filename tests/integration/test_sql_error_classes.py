@@ -372,7 +372,8 @@ def test_a_bound_connection_killed_mid_transaction_says_to_roll_back(
     with doomed_engine.connect() as conn:
         bound = flow_on(SqlAlchemyJobStore(doomed_engine).bind(conn), InMemoryObjectStore())
         bound.initiate_upload("alice", content_type="video/mp4")
-        assert kill_doomed(pg_engine) == 1
+        # The host's connection, and the pooled one the store's clock read the time on.
+        assert kill_doomed(pg_engine) >= 1
         with pytest.raises(StorageUnavailable, match="lost the database connection"):
             bound.get(SOME_JOB)
         # The host's transaction is gone: the same call fails until the host rolls back.

@@ -29,8 +29,10 @@ BRISK = UploadPolicy(defer_seconds=0.01, defer_max_seconds=0.05, max_attempts=1,
 
 
 def objects_of(flow: JobFlow) -> InMemoryObjectStore:
-    assert isinstance(flow.objects, InMemoryObjectStore)
-    return flow.objects
+    """The in-memory store under the flow's (timed) object store."""
+    objects = getattr(flow.objects, "inner", flow.objects)
+    assert isinstance(objects, InMemoryObjectStore)
+    return objects
 
 
 def download(job: Job, ctx: JobContext) -> dict[str, Any]:

@@ -44,14 +44,19 @@ The package, by what each module holds:
 * :mod:`~jobflow.adapters.sqlalchemy.aio`: :class:`AsyncSqlAlchemyJobStore`,
   the same store on an ``AsyncEngine`` (psycopg 3's async driver, aiosqlite)
   for :class:`~jobflow.AsyncJobFlow`.
+* :mod:`~jobflow.adapters.sqlalchemy.clock`: the database's time, the clock
+  of lease decisions on PostgreSQL (the store's ``clock``).
+* :mod:`~jobflow.adapters.sqlalchemy.engine`: :func:`create_engine` and
+  :class:`DatabaseTimeouts`: PostgreSQL connections that never wait forever.
 """
 
 from __future__ import annotations
 
 from jobflow.adapters.sqlalchemy.aio import AsyncSqlAlchemyJobStore
+from jobflow.adapters.sqlalchemy.engine import DatabaseTimeouts, create_engine, with_timeouts
 from jobflow.adapters.sqlalchemy.queries import NOTIFY_CHANNEL
 from jobflow.adapters.sqlalchemy.store import SUPPORTED_DIALECTS, SqlAlchemyJobStore
 from jobflow.adapters.sqlalchemy.transactions import sqlite_file
 
-__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "AsyncSqlAlchemyJobStore", "SqlAlchemyJobStore",
-           "sqlite_file"]
+__all__ = ["NOTIFY_CHANNEL", "SUPPORTED_DIALECTS", "AsyncSqlAlchemyJobStore", "DatabaseTimeouts",
+           "SqlAlchemyJobStore", "create_engine", "sqlite_file", "with_timeouts"]

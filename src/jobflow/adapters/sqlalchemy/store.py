@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from jobflow.adapters.sqlalchemy import queries
+from jobflow.adapters.sqlalchemy.clock import DatabaseClock, local_clock
 from jobflow.adapters.sqlalchemy.errors import driver_errors, is_deadlock
 from jobflow.adapters.sqlalchemy.rows import (
     batch_params,
@@ -45,6 +46,7 @@ from jobflow.models import (
     check_batch,
     check_finished_status,
 )
+from jobflow.ports import Clock
 
 SUPPORTED_DIALECTS = frozenset({"postgresql", "sqlite"})
 
@@ -97,6 +99,12 @@ class SqlAlchemyJobStore:
     switched to WAL, each connection waits up to ``busy_timeout_seconds`` for
     the write lock, and the store is safe to share between threads and
     processes. An in-memory SQLite database is private to one connection.
+
+    :attr:`clock` is the time every lease decision should use, and the one a
+    :class:`~jobflow.JobFlow` given no clock uses: on PostgreSQL the
+    database server's (:class:`~jobflow.adapters.sqlalchemy.clock.DatabaseClock`),
+    so that hosts whose clocks disagree still agree on when a lease ends; on
+    SQLite, one file on one host, that host's clock.
     """
 
     def __init__(self, engine: Engine, *, busy_timeout_seconds: float = 30.0) -> None:
@@ -104,6 +112,8 @@ class SqlAlchemyJobStore:
             raise ConfigurationError(_USE_THE_ASYNC_STORE.format(given="an AsyncEngine"))
         self._dialect = _dialect_name(engine.dialect.name)
         self._engine = engine
+        #: The clock of lease decisions; stores made by :meth:`bind` share it.
+        self.clock: Clock = DatabaseClock(engine) if self._dialect == "postgresql" else local_clock
         sqlite = (SQLiteSetup(engine, busy_timeout_seconds)
                   if self._dialect == "sqlite" else None)
         self._transactions: Transactions = EngineTransactions(engine, sqlite)
@@ -123,7 +133,8 @@ class SqlAlchemyJobStore:
         A job created through it commits or rolls back together with the host's
         own rows, history included. On PostgreSQL its NOTIFY is delivered when
         the host commits. Claims made through it are held only once the host
-        commits, so workers should use the unbound store.
+        commits, so workers should use the unbound store. It shares this
+        store's :attr:`clock`.
         """
         if isinstance(connection, Session):
             session = connection
