@@ -13,7 +13,7 @@ It checks, from the database and from the handlers' own run log
 * every job's history replays to its current status (:func:`jobflow.states.replay`)
   and has as many rows as the job row counts;
 * no row breaks a CHECK constraint: the database's own constraint
-  definitions are run again as queries.
+  definitions (PostgreSQL's or SQLite's) are run again as queries.
 
 It returns the figures the test (and ``docs/reliability.md``) reports: jobs,
 how they ended, attempts run, attempts started after another attempt of the
@@ -82,19 +82,25 @@ class AuditReport:
 
 
 def read_runs(run_log: Path) -> list[Run]:
-    """The attempts in the handlers' run log."""
-    starts: dict[tuple[str, int, int], float] = {}
-    ends: dict[tuple[str, int, int], tuple[float, str]] = {}
+    """The attempts in the handlers' run log, in the order they started.
+
+    One process may run one job's attempt number twice in turn (a deferred
+    attempt gives its number back): an ``end`` line closes the earliest
+    attempt of its job, number and process still open, so that two of them
+    started before either ended are two attempts at once."""
+    runs: list[Run] = []
+    still_open: dict[tuple[str, int, int], list[int]] = defaultdict(list)
     text = run_log.read_text() if run_log.exists() else ""
     for line in text.splitlines():
         what, job_id, attempt, pid, at, *rest = line.split()
         key = (job_id, int(attempt), int(pid))
         if what == "start":
-            starts[key] = float(at)
-        else:
-            ends[key] = (float(at), rest[0])
-    return [Run(job_id, attempt, pid, started, *ends.get((job_id, attempt, pid), (None, None)))
-            for (job_id, attempt, pid), started in sorted(starts.items(), key=lambda i: i[1])]
+            still_open[key].append(len(runs))
+            runs.append(Run(job_id, int(attempt), int(pid), float(at), None, None))
+        elif still_open[key]:
+            index = still_open[key].pop(0)
+            runs[index] = attrs.evolve(runs[index], ended=float(at), outcome=rest[0])
+    return sorted(runs, key=lambda run: run.started)
 
 
 def _cut(spans: list[Span], hole: Span) -> list[Span]:
@@ -137,21 +143,34 @@ def overlapping(runs: Sequence[Run], timelines: dict[int, Timeline]) -> list[tup
     return found
 
 
-def broken_constraints(engine: sa.Engine) -> list[str]:
-    """The CHECK constraints of jobflow's tables that some row breaks, each
-    with the number of such rows, found by running the database's own
-    definition of the constraint as a query (PostgreSQL)."""
-    broken = []
-    with engine.connect() as conn:
-        checks = conn.execute(sa.text(
+def check_constraints(conn: sa.Connection) -> list[tuple[str, str, str]]:
+    """``(table, name, condition)`` of every CHECK constraint on jobflow's
+    tables, as the database itself keeps them: PostgreSQL's catalog, or the
+    ``CREATE TABLE`` statements SQLite stores."""
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(sa.text(
             "SELECT conrelid::regclass::text AS tab, conname, pg_get_constraintdef(oid) AS def "
             "FROM pg_constraint WHERE contype = 'c' "
             "AND conrelid::regclass::text LIKE 'jobflow%'")).all()
+        return [(table, name, definition.removeprefix("CHECK ").removesuffix(" NOT VALID"))
+                for table, name, definition in rows]
+    inspector = sa.inspect(conn)
+    return [(table, check["name"] or "unnamed", check["sqltext"])
+            for table in inspector.get_table_names() if table.startswith("jobflow")
+            for check in inspector.get_check_constraints(table)]
+
+
+def broken_constraints(engine: sa.Engine) -> list[str]:
+    """The CHECK constraints of jobflow's tables that some row breaks, each
+    with the number of such rows, found by running the database's own
+    definition of the constraint as a query."""
+    broken = []
+    with engine.connect() as conn:
+        checks = check_constraints(conn)
         assert checks, "no CHECK constraint found: is this jobflow's database?"
-        for table, name, definition in checks:
-            condition = definition.removeprefix("CHECK ").removesuffix(" NOT VALID")
+        for table, name, condition in checks:
             rows = conn.execute(sa.text(
-                f"SELECT count(*) FROM {table} WHERE NOT {condition}")).scalar_one()
+                f"SELECT count(*) FROM {table} WHERE NOT ({condition})")).scalar_one()
             if rows:
                 broken.append(f"{name}: {rows} rows")
         miscounted = conn.execute(sa.text(
