@@ -13,7 +13,6 @@ them. Every test ends with :func:`tests.chaos.audit.audit`.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -37,6 +36,7 @@ from jobflow.config import StoreSettings, open_flow
 from tests.chaos.audit import AuditReport, Timeline, audit
 from tests.chaos.handlers import RUN_LOG_ENV
 from tests.conftest import EXTERNAL_DATABASE_URL, IN_CI
+from tests.e2e import conftest as e2e
 from tests.fake_aws import REGION, use_fake_aws_credentials
 from tests.pgcluster import PostgresCluster, PostgresUnavailable, free_port, wait_stopped
 
@@ -56,12 +56,7 @@ DURABLE = ("synchronous_commit=on",)
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = PATIENCE) -> Any:
     """Poll until ``condition()`` is truthy and return it; fail naming ``what``."""
-    give_up = time.monotonic() + timeout
-    while not (found := condition()):
-        if time.monotonic() > give_up:
-            pytest.fail(f"gave up waiting for: {what}")
-        time.sleep(0.05)
-    return found
+    return e2e.wait_for(condition, what, timeout)
 
 
 def sqlite_url(folder: Path) -> str:
@@ -99,33 +94,14 @@ class S3Server:
             self._server = self._thread = None
 
 
-class WorkerProcess:
+class WorkerProcess(e2e.WorkerProcess):
     """A ``jobflow`` subprocess (a worker, or a command the test cuts short)
     whose JSON log lines go to a file, and the :class:`Timeline` of what the
     test did to it."""
 
     def __init__(self, process: subprocess.Popen[bytes], log_path: Path, log: IO[bytes]) -> None:
-        self.process = process
-        self.log_path = log_path
-        self._log = log
+        super().__init__(process, log_path, log)
         self.timeline = Timeline(process.pid)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def logs(self) -> list[dict[str, Any]]:
-        entries = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                entries.append({"event": "<not json>", "line": line})
-        return entries
-
-    def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        return [e for e in self.logs() if e.get("event") == event
-                and all(e.get(k) == v for k, v in fields.items())]
 
     def freeze(self) -> None:
         """SIGSTOP, noted once the process is stopped."""
@@ -138,13 +114,9 @@ class WorkerProcess:
         self.timeline.frozen[-1][1] = time.time()
         self.process.send_signal(signal.SIGCONT)
 
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
     def wait(self, timeout: float = PATIENCE) -> int:
-        code = self.process.wait(timeout)
+        code = super().wait(timeout)
         self.timeline.died_at = self.timeline.died_at or time.time()
-        self._log.close()
         return code
 
     def kill(self) -> None:

@@ -13,9 +13,8 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from jobflow.adapters.sqlalchemy import SqlAlchemyJobStore
 from jobflow.config import open_object_store
 from jobflow.demo import minimal_mp4
 from tests.conftest import QUIET_LOGGER
+from tests.e2e.conftest import wait_for
 from tests.fake_aws import REGION, use_fake_aws_credentials
 from tests.pgcluster import DatabaseServer, free_port
 
@@ -52,13 +52,6 @@ LONG_CLIP = minimal_mp4(60.0, media_bytes=2 * MAX_BYTES)
 API = "/api/coaches/plus"
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = PATIENCE) -> Any:
-    give_up = time.monotonic() + timeout
-    while not (found := condition()):
-        if time.monotonic() > give_up:
-            pytest.fail(f"gave up waiting for: {what}")
-        time.sleep(0.05)
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -77,12 +77,13 @@ def seeded(pg_engine: sa.Engine) -> sa.Engine:
 
 @pytest.fixture
 def executed(seeded: sa.Engine) -> Iterator[list[Statement]]:
-    """Every statement sent from now on, with its parameters (``SET`` aside)."""
+    """Every statement sent from now on that reads jobflow's tables, with its
+    parameters (``SET`` and the store clock's reading of the server's time aside)."""
     statements: list[Statement] = []
 
     def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
                executemany: bool) -> None:
-        if not statement.lstrip().upper().startswith("SET "):
+        if "jobflow_" in statement and not statement.lstrip().upper().startswith("SET "):
             statements.append((statement, parameters))
 
     sa.event.listen(seeded, "before_cursor_execute", record)
