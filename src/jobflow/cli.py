@@ -76,6 +76,7 @@ from jobflow.reporting import (
     reconcile_lines,
     requeue_lines,
 )
+from jobflow.worker import MAX_CONCURRENCY
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -470,7 +471,8 @@ def run_until_signalled(worker: Any, *, until_idle: bool = False) -> None:
 @cli.command()
 @env_option("--handler", envvar="JOBFLOW_HANDLER", required=True, metavar="MODULE:FUNCTION",
             help="The function run for each job: handler(job, ctx), returning a JSON object.")
-@env_option("--concurrency", "-c", envvar="JOBFLOW_CONCURRENCY", type=click.IntRange(min=1),
+@env_option("--concurrency", "-c", envvar="JOBFLOW_CONCURRENCY",
+            type=click.IntRange(1, MAX_CONCURRENCY),
             default=1, show_default=True,
             help="Jobs run at once (one reused handler thread each); claims and finishing "
                  "writes go in batches of up to this many jobs.")

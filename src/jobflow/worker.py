@@ -119,6 +119,9 @@ CLAIM_AHEAD_BELOW = 1.0
 #: A stopping worker waits this many seconds past its shutdown grace for its
 #: last writes (the releases of jobs still running), then returns regardless.
 FINAL_WRITE_SECONDS = 2.0
+#: The most handler threads one worker runs: each is an OS thread sharing one
+#: interpreter, and a claim batch is as large; run more processes beyond it.
+MAX_CONCURRENCY = 1024
 #: How often a worker touches its health file, at most.
 HEALTH_INTERVAL = 1.0
 
@@ -367,9 +370,10 @@ class Worker:
         self._renewing = _Loop("heartbeats")
 
     def _check_settings(self) -> None:
-        if not isinstance(self.concurrency, int) or self.concurrency < 1:
-            raise ConfigurationError(f"concurrency must be a positive integer, "
-                                     f"got {self.concurrency!r}")
+        if (not isinstance(self.concurrency, int) or isinstance(self.concurrency, bool)
+                or not 1 <= self.concurrency <= MAX_CONCURRENCY):
+            raise ConfigurationError(f"concurrency must be an integer from 1 to "
+                                     f"{MAX_CONCURRENCY}, got {self.concurrency!r}")
         positive = {"lease_seconds": self.lease_seconds,
                     "heartbeat_interval": self.heartbeat_interval,
                     "poll_interval": self.poll_interval,

@@ -244,6 +244,7 @@ def test_bad_option_values_are_one_line_and_exit_2(sqlite_deployment: Deployment
             ([*worker, "--heartbeat-interval", "1e300"], {}),
             ([*worker, "--concurrency", "0"], {}),
             ([*worker, "--concurrency", "abc"], {}),
+            ([*worker, "--concurrency", "5000"], {}),
             (worker, {"JOBFLOW_SHUTDOWN_GRACE": "-1"}),
             (["status"], {"JOBFLOW_DATABASE_URL": "garbage"}),
             (worker, {"JOBFLOW_DATABASE_URL": "garbage"}),

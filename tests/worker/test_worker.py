@@ -499,6 +499,8 @@ def test_each_handler_start_and_finish_is_logged_with_job_attempt_and_worker(
 
 @pytest.mark.parametrize("settings", [
     {"concurrency": 0},
+    {"concurrency": 1025},
+    {"concurrency": True},
     {"lease_seconds": 5.0, "heartbeat_interval": 5.0},
     {"poll_interval": 0.0},
     {"job_timeout": -1.0},
