@@ -13,11 +13,11 @@ import pytest
 import sqlalchemy as sa
 import structlog
 from hypothesis import HealthCheck, settings
-from moto.server import ThreadedMotoServer
 
 import jobflow.migrations
 from jobflow.adapters.memory import InMemoryJobStore
 from jobflow.ports import JobStore
+from tests.fake_aws import moto_server
 from tests.pgcluster import DatabaseServer, PostgresCluster, PostgresUnavailable
 from tests.sqlstores import (
     ListenedEngine,
@@ -170,10 +170,5 @@ def pg_url(pg_server: DatabaseServer) -> sa.URL:
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
     """moto's real HTTP server on a free port of 127.0.0.1, one per test module."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with moto_server() as endpoint:
+        yield endpoint

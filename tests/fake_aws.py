@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from moto.server import ThreadedMotoServer
 
 REGION = "us-east-1"
 
@@ -63,3 +64,17 @@ def silent_endpoint() -> Iterator[str]:
         listener.close()
         for connection in held:
             connection.close()
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's real HTTP server on a free port of 127.0.0.1, stopped afterwards;
+    yields its endpoint URL."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+

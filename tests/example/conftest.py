@@ -24,7 +24,6 @@ import requests
 import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
-from moto.server import ThreadedMotoServer
 
 from examples.video_app.app import create_app
 from examples.video_app.settings import Settings
@@ -36,7 +35,7 @@ from jobflow.config import open_object_store
 from jobflow.demo import minimal_mp4
 from tests.conftest import QUIET_LOGGER
 from tests.e2e.conftest import wait_for
-from tests.fake_aws import REGION, use_fake_aws_credentials
+from tests.fake_aws import REGION, moto_server, use_fake_aws_credentials
 from tests.pgcluster import DatabaseServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,13 +60,8 @@ def s3_endpoint() -> Iterator[str]:
         patch.setenv("MOTO_DISABLE_GLOBAL_CORS", "true")
         # moto read the variable when it was imported; its backends read this copy.
         patch.setattr("moto.moto_server.werkzeug_app.DISABLE_GLOBAL_CORS", True)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+        with moto_server() as endpoint:
+            yield endpoint
 
 
 @contextmanager

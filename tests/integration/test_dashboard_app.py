@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,21 +20,16 @@ from jobflow.dashboard import Dashboard, search_terms
 from jobflow.errors import ConfigurationError, UploadRejected
 from jobflow.metrics import JobflowMetrics
 from tests.conftest import QUIET_LOGGER, ManualClock
-from tests.sqlstores import migrated_sqlite_file
 from tests.strategies import START
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42 video"
 HOSTILE = '<script>document.title="owned"</script><img src=x onerror="alert(1)">'
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    if request.param == "postgres":
-        yield request.getfixturevalue("pg_engine")
-        return
-    made = sa.create_engine(f"sqlite:///{migrated_sqlite_file(tmp_path / 'jobs.sqlite3')}")
-    yield made
-    made.dispose()
+@pytest.fixture
+def engine(sql_engine: sa.Engine) -> sa.Engine:
+    """A migrated database holding no jobs: SQLite, then PostgreSQL."""
+    return sql_engine
 
 
 @pytest.fixture

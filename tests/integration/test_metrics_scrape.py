@@ -29,14 +29,10 @@ from tests.sqlstores import migrated_sqlite_file
 FAST_RETRIES = UploadPolicy(backoff_seconds=0.01, backoff_max_seconds=0.01)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    if request.param == "postgres":
-        yield request.getfixturevalue("pg_engine")
-        return
-    made = sa.create_engine(f"sqlite:///{migrated_sqlite_file(tmp_path / 'jobs.sqlite3')}")
-    yield made
-    made.dispose()
+@pytest.fixture
+def engine(sql_engine: sa.Engine) -> sa.Engine:
+    """A migrated database holding no jobs: SQLite, then PostgreSQL."""
+    return sql_engine
 
 
 def scrape(port: int) -> Samples:
