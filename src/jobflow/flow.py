@@ -155,11 +155,7 @@ def _error_text(error: Any) -> str:
 
 def _retry_in(retry_in: Any) -> timedelta | None:
     """A delay before the next attempt: None (the policy's) or 0..:data:`MAX_RETRY_DELAY`."""
-    if retry_in is not None and not (isinstance(retry_in, timedelta)
-                                     and timedelta(0) <= retry_in <= MAX_RETRY_DELAY):
-        raise InvalidInput(f"retry_in must be a timedelta of 0..{MAX_RETRY_DELAY.days} "
-                           f"days, got {retry_in!r}")
-    return retry_in
+    return None if retry_in is None else _duration(retry_in, "retry_in", most=MAX_RETRY_DELAY)
 
 
 def _error_code(code: Any) -> str | None:
@@ -188,30 +184,31 @@ def _limit(value: Any, what: str, most: int) -> int:
     return value
 
 
-def _duration(value: Any, what: str) -> timedelta:
-    """A length of time of at most ten years, not negative."""
-    if not isinstance(value, timedelta) or not timedelta(0) <= value <= timedelta(days=3650):
-        raise InvalidInput(f"{what} must be a timedelta of 0..3650 days, got {value!r}")
+def _duration(value: Any, what: str, *, most: timedelta = timedelta(days=3650)) -> timedelta:
+    """A length of time, not negative, of at most ``most`` (ten years)."""
+    if not isinstance(value, timedelta) or not timedelta(0) <= value <= most:
+        raise InvalidInput(f"{what} must be a timedelta of 0..{most.days} days, got {value!r}")
     return value
 
 
+def _seconds(value: Any, what: str, *, most: float, zero: bool) -> float:
+    """A finite number of seconds up to ``most``: from 0 with ``zero``, else above 0."""
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or not (value >= 0 if zero else value > 0)
+            or not value <= most):
+        raise InvalidInput(f"{what} must be a number of seconds in "
+                           f"{'[' if zero else '('}0, {most:g}], got {value!r}")
+    return float(value)
+
+
 def _budget(seconds: Any) -> float:
-    """A reconcile pass's budget: a finite number of seconds in
-    [0, :data:`MAX_RECONCILE_BUDGET`] (0: rescue leases only)."""
-    if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
-            or not math.isfinite(seconds) or not 0 <= seconds <= MAX_RECONCILE_BUDGET):
-        raise InvalidInput(f"budget_seconds must be a number of seconds in "
-                           f"[0, {MAX_RECONCILE_BUDGET:g}], got {seconds!r}")
-    return float(seconds)
+    """A reconcile pass's budget: 0 (rescue leases only) up to an hour."""
+    return _seconds(seconds, "budget_seconds", most=MAX_RECONCILE_BUDGET, zero=True)
 
 
 def _check_lease(seconds: Any) -> float:
-    """A lease length: a finite number of seconds in (0, :data:`MAX_LEASE_SECONDS`]."""
-    if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
-            or not math.isfinite(seconds) or not 0 < seconds <= MAX_LEASE_SECONDS):
-        raise InvalidInput(f"lease_seconds must be a number of seconds in "
-                           f"(0, {MAX_LEASE_SECONDS:g}], got {seconds!r}")
-    return float(seconds)
+    """A lease length: more than 0 seconds, at most :data:`MAX_LEASE_SECONDS`."""
+    return _seconds(seconds, "lease_seconds", most=MAX_LEASE_SECONDS, zero=False)
 
 
 class JobFlow:
