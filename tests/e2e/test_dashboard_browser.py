@@ -10,13 +10,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 from jobflow import JobFlow, UploadPolicy
 from jobflow.errors import UploadRejected
 from tests.browser import chromium, screenshot
-from tests.e2e.conftest import Deployment
+from tests.e2e.conftest import PATIENCE, Deployment
 from tests.e2e.servers import ServerProcess, running
 
 pytestmark = [pytest.mark.postgres, pytest.mark.browser]
@@ -67,6 +70,17 @@ def seed_history(deployment: Deployment) -> dict[str, Any]:
     return {"done": done, "retried": retried, "hostile": hostile}
 
 
+def at(browser: WebDriver, path: str) -> bool:
+    """Whether the browser shows ``path`` once the navigation a click or a form
+    started has landed (a submitted search goes on after ``send_keys`` returns)."""
+    try:
+        WebDriverWait(browser, PATIENCE, poll_frequency=0.05).until(
+            lambda driver: driver.current_url.endswith(path))
+    except TimeoutException:
+        return False
+    return True
+
+
 def test_an_operator_follows_a_failure_group_to_a_job_and_reads_its_timeline(
         postgres_deployment: Deployment, dashboard: ServerProcess) -> None:
     jobs = seed_history(postgres_deployment)
@@ -85,7 +99,7 @@ def test_an_operator_follows_a_failure_group_to_a_job_and_reads_its_timeline(
         screenshot(browser, "dashboard-overview")
 
         browser.find_element(By.LINK_TEXT, "handler_error").click()
-        assert browser.current_url.endswith("/failures?code=handler_error")
+        assert at(browser, "/failures?code=handler_error"), browser.current_url
         listed = [link.get_attribute("title")
                   for link in browser.find_elements(By.CSS_SELECTOR, "#jobs a.id")]
         assert sorted(listed) == sorted([*jobs["retried"], jobs["hostile"]])
@@ -93,7 +107,7 @@ def test_an_operator_follows_a_failure_group_to_a_job_and_reads_its_timeline(
 
         retried = jobs["retried"][0]
         browser.find_element(By.CSS_SELECTOR, f'#jobs a[title="{retried}"]').click()
-        assert browser.current_url.endswith(f"/job/{retried}")
+        assert at(browser, f"/job/{retried}"), browser.current_url
         assert browser.find_element(By.ID, "job-status").text == "failed"
         steps = browser.find_elements(By.CSS_SELECTOR, "#timeline li")
         assert [step.find_element(By.CLASS_NAME, "event").text for step in steps] == [
@@ -107,7 +121,7 @@ def test_an_operator_follows_a_failure_group_to_a_job_and_reads_its_timeline(
 
         search = browser.find_element(By.ID, "search")
         search.send_keys(jobs["done"][1][:8], Keys.ENTER)
-        assert browser.current_url.endswith(f"/job/{jobs['done'][1]}")
+        assert at(browser, f"/job/{jobs['done'][1]}"), browser.current_url
         assert browser.find_element(By.ID, "job-status").text == "done"
         assert "transcoding" in browser.find_element(By.ID, "timeline").text
 
